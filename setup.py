@@ -1,0 +1,19 @@
+"""slurm-callerid: authenticated caller-ID ssh adoption for Slurm compute nodes.
+
+Installed into the project's own virtual environment (built from Debian's /usr/bin/python3,
+the interpreter the PAM module embeds), never into the system site-packages: the package
+names `daemon` and `cgroups` are generic and would clash with other distributions.
+See packaging/run.
+"""
+from setuptools import setup
+
+setup(
+    name="slurm-callerid",
+    version="0.1.0",
+    description="Adopt ssh sessions into Slurm jobs via an authenticated caller-ID daemon",
+    python_requires=">=3.11",
+    packages=["pam_callerid", "daemon", "cgroups"],
+    install_requires=["psutil>=5.9", "pyroute2>=0.7", "cffi>=1.15"],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "python-pam>=2.0"]},
+    entry_points={"console_scripts": ["callerid = daemon.cli:main"]},
+)
