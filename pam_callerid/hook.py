@@ -1,0 +1,373 @@
+"""The I/O edge of pam_callerid: called by the C shim for account / open_session.
+
+Account phase (the decision): service filter and root come first (no configuration is read
+for them); then this user's jobs on this node (``cgroups``), the caller-ID daemon at the
+connection's source when needed (``daemon`` client, bounded by ``rpc_timeout``, with a
+negative cache under /run for sources without a daemon), :func:`policy.decide`, the
+adoption of ``getpid()`` (harmless if sshd adopts again later), ``SLURM_JOB_ID``, messages,
+syslog and one audit record.  The decision is stashed with ``pam_set_data``.
+
+Session phase (the adoption): ``getpid()`` of open_session -- sshd's ``[priv]`` process for
+every authentication method -- is adopted into the chosen job's extern step. When account ran
+in another process (keyboard-interactive / password logins run it in a forked ``[pam]``
+child), nothing was stashed in this handle and the decision is made again here.
+
+Imports are kept minimal: every millisecond here is paid by every ssh login.
+"""
+import os
+import time
+
+from . import options as _options
+from . import policy
+
+DATA_KEY = b"pam_callerid.decision"
+NEGCACHE_DIR = "/run/pam_callerid"
+NEGCACHE_FILE = NEGCACHE_DIR + "/unreachable"
+NEGCACHE_TTL = 60.0
+_LOG_PRIO = {"error": 3, "warning": 4, "info": 6, "verbose": 6, "debug": 7}
+_LOG_LEVEL = {"error": 2, "warning": 2, "info": 3, "verbose": 4, "debug": 5}
+
+
+class Pam:
+    """The few libpam calls the hook needs, on one handle."""
+
+    def __init__(self, ffi, lib, pamh, flags):
+        self.ffi, self.lib, self.h, self.flags = ffi, lib, pamh, flags
+
+    def item(self, which):
+        pp = self.ffi.new("const void **")
+        if self.lib.pam_get_item(self.h, which, pp) != self.lib.PAM_SUCCESS or \
+                pp[0] == self.ffi.NULL:
+            return None
+        return self.ffi.string(self.ffi.cast("const char *", pp[0])).decode("utf-8", "replace")
+
+    def getenv(self, name):
+        p = self.lib.pam_getenv(self.h, name.encode())
+        return None if p == self.ffi.NULL else self.ffi.string(p).decode("utf-8", "replace")
+
+    def putenv(self, name_value):
+        return self.lib.pam_putenv(self.h, name_value.encode())
+
+    def say(self, text, error=False):
+        if self.flags & self.lib.PAM_SILENT and not error:
+            return
+        style = self.lib.PAM_ERROR_MSG if error else self.lib.PAM_TEXT_INFO
+        resp = self.ffi.new("char **")
+        self.lib.pam_prompt(self.h, style, resp, b"%s", self.ffi.new("char[]", text.encode()))
+        if resp[0] != self.ffi.NULL:        # a conversation may return a response: ignore it
+            self.ffi.gc(resp[0], None)
+
+    def set_data(self, value):
+        return self.lib.cid_set_data(self.h, DATA_KEY, value.encode())
+
+    def get_data(self):
+        p = self.lib.cid_get_data(self.h, DATA_KEY)
+        return None if p == self.ffi.NULL else self.ffi.string(p).decode("utf-8", "replace")
+
+
+class Log:
+    """syslog (authpriv, ident pam_callerid) through the shim, filtered by log_level."""
+
+    def __init__(self, lib, level):
+        self.lib, self.level = lib, level
+
+    def __call__(self, level, text):
+        if _LOG_LEVEL.get(level, 5) <= self.level:
+            self.lib.cid_syslog(_LOG_PRIO.get(level, 7), text.encode("utf-8", "replace")[:1800])
+
+    def many(self, lines):
+        for level, text in lines:
+            self(level, text)
+
+
+# ------------------------------------------------------------------------------ facts
+def user_uid(user):
+    if not user:
+        return None
+    import pwd
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except (KeyError, ValueError):
+        return None
+
+
+def node_name(opts, conf=None):
+    if opts.nodename:
+        return opts.nodename
+    n = getattr(conf, "node_name", None) if conf is not None else None
+    return n or os.uname().nodename.split(".")[0]
+
+
+def _norm_ip(ip):
+    if ip.startswith("::ffff:") and "." in ip:
+        return ip[7:]
+    return ip
+
+
+class Conn:
+    """The sshd TCP connection: ``src`` is the client (remote) end, ``dst`` ours."""
+
+    __slots__ = ("src_ip", "src_port", "dst_ip", "dst_port", "family")
+
+    def __init__(self, src_ip, src_port, dst_ip, dst_port, family):
+        self.src_ip, self.src_port = _norm_ip(src_ip), int(src_port)
+        self.dst_ip, self.dst_port = _norm_ip(dst_ip), int(dst_port)
+        self.family = 4 if ":" not in self.src_ip else 6
+
+    def as_dict(self):
+        return {"src_ip": self.src_ip, "src_port": self.src_port, "dst_ip": self.dst_ip,
+                "dst_port": self.dst_port}
+
+
+def find_connection(ssh_connection=None):
+    """The connected TCP socket among this process's fds (getpeername/getsockname on a dup).
+    With ``SSH_CONNECTION`` ("cip cport sip sport") the matching socket is preferred."""
+    import _socket
+    want = ssh_connection.split() if ssh_connection else None
+    found = None
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in fds:
+        try:
+            if not os.readlink("/proc/self/fd/" + name).startswith("socket:"):
+                continue
+            dup = os.dup(int(name))
+        except (OSError, ValueError):
+            continue
+        try:
+            s = _socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            continue
+        try:
+            if s.family not in (_socket.AF_INET, _socket.AF_INET6) or \
+                    s.type != _socket.SOCK_STREAM:
+                continue
+            peer, local = s.getpeername(), s.getsockname()
+        except OSError:
+            continue
+        finally:
+            s.close()
+        c = Conn(peer[0], peer[1], local[0], local[1], s.family)
+        if want is None or len(want) != 4:
+            return c
+        if _norm_ip(want[0]) == c.src_ip and want[1] == str(c.src_port):
+            return c
+        found = found or c
+    return found
+
+
+# ------------------------------------------------------------------------------ negative cache
+def negcache_hit(ip, now):
+    try:
+        with open(NEGCACHE_FILE) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == ip:
+                    return float(parts[1]) > now
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def negcache_add(ip, now, ttl=NEGCACHE_TTL):
+    """Remember (root-owned file, atomic rename) that ``ip`` had no reachable daemon."""
+    try:
+        os.makedirs(NEGCACHE_DIR, mode=0o700, exist_ok=True)
+        st = os.lstat(NEGCACHE_DIR)
+        if st.st_uid != os.geteuid() or (st.st_mode & 0o022):
+            return
+        keep = []
+        try:
+            with open(NEGCACHE_FILE) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 2 and parts[0] != ip and float(parts[1]) > now:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+        except (OSError, ValueError):
+            pass
+        keep = keep[-255:] + ["%s %.3f\n" % (ip, now + ttl)]
+        tmp = "%s.%d" % (NEGCACHE_FILE, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, "".join(keep).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, NEGCACHE_FILE)
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------ backends
+# The cgroups/ and daemon/ packages are imported lazily, only on the paths that need them.
+from . import backend  # noqa: E402  (small, itself lazy)
+
+
+def query_callerid(conn, opts, conf, uid, now, log):
+    """Ask the caller-ID daemon at the connection's source; a typed policy.CallerId."""
+    if conn is None:
+        return policy.CallerId("no-connection", detail="no TCP connection on this PAM handle")
+    src = "%s:%d" % (conn.src_ip, conn.src_port)
+    if negcache_hit(conn.src_ip, now):
+        return policy.CallerId("cached", source=src,
+                               detail="no caller-ID daemon at %s (cached)" % conn.src_ip)
+    out = backend.callerid(conn, opts, conf, log)
+    out.source = out.source or src
+    if out.status in ("unreachable", "timeout"):
+        negcache_add(conn.src_ip, now)
+    return out
+
+
+# ------------------------------------------------------------------------------ audit
+def audit_write(path, rec, log):
+    if not path or path.lower() == "none":
+        return
+    from . import audit
+    try:
+        audit.append(path, rec)
+    except OSError as e:
+        log("error", "cannot write audit record to %s: %s" % (path, e))
+
+
+# ------------------------------------------------------------------------------ phases
+def _decide(pam, opts, log, service, user, uid, rec):
+    """Full decision with I/O. Fills ``rec`` (the audit record)."""
+    conf, conf_err = backend.load_config(opts)
+    if conf_err:
+        log("error", conf_err)
+    rec["node"] = node_name(opts, conf)
+    jobs, jobs_err = (None, conf_err) if conf_err else backend.user_jobs(uid, opts, conf)
+    rec["jobs"] = None if jobs is None else [j.id for j in jobs]
+    cid = None
+    if jobs is not None and policy.needs_rpc([j for j in jobs if j.uid in (None, uid)], opts):
+        conn = find_connection(pam.getenv("SSH_CONNECTION"))
+        if conn is not None:
+            rec.update(conn.as_dict())
+        cid = query_callerid(conn, opts, conf, uid, time.time(), log)
+        rec["callerid"] = {k: v for k, v in cid.as_dict().items() if v is not None}
+    d = policy.decide(service, user, uid, jobs, opts, callerid=cid, jobs_error=jobs_err)
+    return d, conf
+
+
+def _adopt(d, opts, conf, uid, log):
+    """Adopt getpid() as decided; returns (decision, adopted pid or None)."""
+    if d.code != "PAM_SUCCESS" or d.target is None:
+        return d, None
+    pid = os.getpid()
+    err = backend.adopt(pid, d, uid, opts, conf)
+    if err is None:
+        log("info", "Process %d adopted into %s" % (
+            pid, "job %d" % d.job_id if d.target == "job" else "the user-level cgroup"))
+        return d, pid
+    return policy.on_adopt_failure(d, opts, err), None
+
+
+def _serialize(d, pid):
+    return "%d %s %s %s %s" % (pid, d.path, d.code, d.target or "-",
+                               d.job_id if d.job_id is not None else "-")
+
+
+def _deserialize(s):
+    try:
+        pid, path, code, target, job = s.split()
+        return {"pid": int(pid), "path": path, "code": code,
+                "target": None if target == "-" else target,
+                "job": None if job == "-" else int(job)}
+    except ValueError:
+        return None
+
+
+def _finish(pam, opts, log, d, rec, t0, phase, show_info=True):
+    log.many(d.logs)
+    if d.user_msg:
+        pam.say(d.user_msg, error=True)
+    elif d.info and show_info and not opts.quiet:
+        pam.say(d.info)
+    if d.code == "PAM_SUCCESS" and d.job_id is not None and d.target == "job":
+        pam.putenv("SLURM_JOB_ID=%d" % d.job_id)
+    rec.update(path=d.path, job=d.job_id, target=d.target, result=d.code, reason=d.reason,
+               latency_ms=round((time.monotonic() - t0) * 1000, 3))
+    audit_write(opts.audit, rec, log)
+    return d.code
+
+
+def account(pam, opts, log, t0):
+    service, user = pam.item(pam.lib.PAM_SERVICE), pam.item(pam.lib.PAM_USER)
+    uid = user_uid(user)
+    rec = _record("account", service, user, uid, pam, opts)
+    pre = policy.pre_decide(service, user, uid, opts)
+    if pre is not None:
+        log.many(pre.logs)
+        if pre.path != policy.SERVICE:
+            rec.update(path=pre.path, result=pre.code, reason=pre.reason,
+                       latency_ms=round((time.monotonic() - t0) * 1000, 3))
+            audit_write(opts.audit, rec, log)
+        return pre.code
+    d, conf = _decide(pam, opts, log, service, user, uid, rec)
+    d, adopted = _adopt(d, opts, conf, uid, log)
+    rec["adopted_pid"] = adopted
+    pam.set_data(_serialize(d, os.getpid()))
+    return _finish(pam, opts, log, d, rec, t0, "account")
+
+
+def open_session(pam, opts, log, t0):
+    service, user = pam.item(pam.lib.PAM_SERVICE), pam.item(pam.lib.PAM_USER)
+    uid = user_uid(user)
+    pre = policy.pre_decide(service, user, uid, opts)
+    if pre is not None:
+        return pre.code if pre.path != policy.NOUSER else "PAM_SESSION_ERR"
+    rec = _record("session", service, user, uid, pam, opts)
+    stash = _deserialize(pam.get_data() or "")
+    conf = None
+    if stash is not None:
+        rec["node"] = node_name(opts)
+        rec["stashed_from_pid"] = stash["pid"]
+        if stash["code"] != "PAM_SUCCESS" or stash["target"] is None:
+            # account already answered (ignore / allow without adoption / deny)
+            return stash["code"]
+        job = None if stash["job"] is None else policy.Job(stash["job"], uid)
+        d = policy.Decision(stash["path"], "PAM_SUCCESS", job=job, target=stash["target"],
+                            reason="stashed")
+        conf, conf_err = backend.load_config(opts)
+    else:
+        rec["redecided"] = True
+        d, conf = _decide(pam, opts, log, service, user, uid, rec)
+    d, adopted = _adopt(d, opts, conf, uid, log)
+    rec["adopted_pid"] = adopted
+    # the info line was sent in the account phase (shown as a banner); only errors here
+    return _finish(pam, opts, log, d, rec, t0, "session", show_info=stash is None)
+
+
+def _record(phase, service, user, uid, pam, opts):
+    return {"time": _isotime(), "ts": round(time.time(), 3), "phase": phase, "node": None,
+            "service": service, "user": user, "uid": uid, "pid": os.getpid(),
+            "rhost": pam.item(pam.lib.PAM_RHOST)}
+
+
+def _isotime():
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+
+
+def dispatch(ffi, lib, phase, pamh, flags, args):
+    """Entry point from the C shim. Returns an int PAM code; an exception fails closed."""
+    t0 = time.monotonic()
+    opts = _options.parse(args)
+    log = Log(lib, opts.log_level)
+    log.many(opts.logs)
+    pam = Pam(ffi, lib, pamh, flags)
+    try:
+        if phase == "account":
+            code = account(pam, opts, log, t0)
+        elif phase == "open_session":
+            code = open_session(pam, opts, log, t0)
+        else:
+            code = "PAM_IGNORE"
+    except BaseException as e:
+        log("error", "internal error in %s: %s: %s; failing closed"
+            % (phase, type(e).__name__, e))
+        raise
+    return getattr(lib, code)
