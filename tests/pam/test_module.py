@@ -1,0 +1,201 @@
+"""The built pam_callerid.so through real libpam (pamtester), without Slurm jobs."""
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, build_module, outcome, pamtester, stack
+
+pytestmark = pytest.mark.root
+
+
+def read_audit(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_exports_only_pam_sm(built_so):
+    out = subprocess.run(["nm", "-D", "--defined-only", built_so], capture_output=True,
+                         text=True, check=True).stdout
+    syms = sorted(line.split()[-1] for line in out.splitlines() if line.strip())
+    assert syms == sorted(["pam_sm_acct_mgmt", "pam_sm_authenticate", "pam_sm_close_session",
+                           "pam_sm_open_session", "pam_sm_setcred"])
+    dyn = subprocess.run(["readelf", "-d", built_so], capture_output=True, text=True).stdout
+    assert "NODELETE" in dyn
+    assert "libpython3.11.so.1.0" in dyn
+    assert "RPATH" not in dyn and "RUNPATH" not in dyn
+
+
+def test_root_is_ignored(built_so, services, tmp_path):
+    audit = tmp_path / "a.jsonl"
+    svc = services.make(stack(built_so, "audit=%s" % audit))
+    rc, out = pamtester(svc, "root", "acct_mgmt")
+    assert outcome(out) == "ignore", out
+    recs = read_audit(audit)
+    assert [r["path"] for r in recs] == ["root"]
+    assert recs[0]["result"] == "PAM_IGNORE"
+
+
+def test_root_with_broken_config_still_gets_in(built_so, services, tmp_path):
+    bad = tmp_path / "bad.conf"
+    bad.write_text("this is = = not a config\n")
+    svc = services.make(stack(built_so, "config=%s action_generic_failure=deny "
+                                        "action_unknown=deny audit=none" % bad))
+    for cfg in (str(bad), "/nonexistent/callerid.conf"):
+        rc, out = pamtester(svc, "root", "acct_mgmt", "open_session", "close_session")
+        assert "Permission denied" not in out and "System error" not in out, out
+    # and with pam_permit after us (a real stack), root logs in
+    svc2 = services.make(["account required %s service={service} config=%s "
+                          "action_generic_failure=deny audit=none" % (built_so, bad),
+                          "account required pam_permit.so"])
+    rc, out = pamtester(svc2, "root", "acct_mgmt")
+    assert rc == 0, out
+
+
+def test_other_service_ignored(built_so, services, cid_user):
+    svc = services.make(["account [success=done ignore=ignore default=die] %s service=sshd "
+                         "audit=none" % built_so, "account required pam_deny.so"])
+    rc, out = pamtester(svc, cid_user[0], "acct_mgmt")
+    assert outcome(out) == "ignore", out
+
+
+def test_unknown_user(built_so, services):
+    svc = services.make(stack(built_so, "audit=none"))
+    rc, out = pamtester(svc, "cidt-no-such-user", "acct_mgmt")
+    assert "Cannot make/remove" in out, out
+
+
+@pytest.mark.parametrize("act,expect", [("ignore", "ignore"), ("allow", "success"),
+                                        ("deny", "denied")])
+def test_generic_failure_actions(built_so, services, cid_user, tmp_path, act, expect):
+    """A configuration that cannot be read is a generic failure."""
+    audit = tmp_path / "a.jsonl"
+    svc = services.make(stack(built_so, "config=/nonexistent/callerid.conf "
+                                        "action_generic_failure=%s audit=%s" % (act, audit)))
+    rc, out = pamtester(svc, cid_user[0], "acct_mgmt")
+    assert outcome(out) == expect, out
+    assert "No Slurm jobs found on node." in out
+    rec = read_audit(audit)[-1]
+    assert rec["path"] == "failure" and rec["user"] == cid_user[0] and rec["uid"] == cid_user[1]
+
+
+def test_authenticate_and_setcred_ignore(built_so, services, cid_user):
+    svc = services.make(["auth [success=done ignore=ignore default=die] %s" % built_so,
+                         "auth required pam_deny.so",
+                         "account required pam_permit.so"])
+    rc, out = pamtester(svc, cid_user[0], "setcred")
+    assert "Authentication failure" in out or "Failure setting user credentials" in out, out
+
+
+# ------------------------------------------------------------------ robustness
+@pytest.fixture(scope="module")
+def broken_so(tmp_path_factory):
+    """A module built against a copy of the project whose hook raises in dispatch()."""
+    from conftest import _need_root
+    _need_root()
+    d = tmp_path_factory.mktemp("broken")
+    os.chmod(d, 0o755)
+    proj = d / "proj"
+    shutil.copytree(os.path.join(REPO, "pam_callerid"), proj / "pam_callerid",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    hook = proj / "pam_callerid" / "hook.py"
+    hook.write_text(hook.read_text() + "\n\ndef dispatch(*a, **k):\n"
+                    "    raise RuntimeError('injected failure')\n")
+    return build_module(d, project=proj, name="pam_callerid_broken")
+
+
+@pytest.fixture(scope="module")
+def noimport_so(tmp_path_factory):
+    """A module whose project package cannot even be imported."""
+    from conftest import _need_root
+    _need_root()
+    d = tmp_path_factory.mktemp("noimport")
+    os.chmod(d, 0o755)
+    proj = d / "proj"
+    shutil.copytree(os.path.join(REPO, "pam_callerid"), proj / "pam_callerid",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    so = build_module(d, project=proj, name="pam_callerid_noimport")
+    (proj / "pam_callerid" / "hook.py").write_text("raise ImportError('injected')\n")
+    shutil.rmtree(proj / "pam_callerid" / "__pycache__", ignore_errors=True)
+    return so
+
+
+@pytest.mark.parametrize("which", ["broken_so", "noimport_so"])
+def test_exception_denies_never_grants(request, which, services, cid_user):
+    so = request.getfixturevalue(which)
+    svc = services.make(["account required %s service={service} audit=none" % so,
+                         "account required pam_permit.so",
+                         "session required %s service={service} audit=none" % so,
+                         "session required pam_permit.so"])
+    rc, out = pamtester(svc, cid_user[0], "acct_mgmt")
+    assert rc != 0 and "System error" in out, out
+    rc, out = pamtester(svc, cid_user[0], "open_session")
+    assert rc != 0 and "System error" in out, out
+    # root still gets in, other services are left alone
+    rc, out = pamtester(svc, "root", "acct_mgmt")
+    assert rc == 0, out
+
+
+def test_exception_with_onerror_ignore(broken_so, services, cid_user):
+    svc = services.make(stack(broken_so, "onerror=ignore audit=none"))
+    rc, out = pamtester(svc, cid_user[0], "acct_mgmt")
+    assert outcome(out) == "ignore", out
+
+
+def test_environment_injection_ignored(built_so, services, cid_user, tmp_path):
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "pwned"
+    for mod in ("sitecustomize", "usercustomize", "os", "pam_callerid", "_socket", "time"):
+        (evil / (mod + ".py")).write_text("open(%r, 'a').write(%r)\n" % (str(marker), mod))
+    audit = tmp_path / "a.jsonl"
+    svc = services.make(stack(built_so, "config=/nonexistent action_generic_failure=deny "
+                                        "audit=%s" % audit))
+    for env in ({"PYTHONPATH": str(evil)}, {"PYTHONHOME": "/nonexistent"},
+                {"PYTHONHOME": str(evil), "PYTHONPATH": str(evil), "PYTHONSTARTUP":
+                 str(evil / "os.py"), "PYTHONINSPECT": "1", "PYTHONVERBOSE": "1"}):
+        rc, out = pamtester(svc, cid_user[0], "acct_mgmt", env=env)
+        assert outcome(out) == "denied", (env, out)
+        assert "import " not in out, out          # PYTHONVERBOSE ignored
+    assert not marker.exists()
+    assert len(read_audit(audit)) == 3
+
+
+def test_many_cycles_in_one_process(built_so, services, cid_user, tmp_path):
+    """Many account calls on one handle in one process."""
+    audit = tmp_path / "a.jsonl"
+    svc = services.make(stack(built_so, "config=/nonexistent action_generic_failure=deny "
+                                        "audit=%s" % audit))
+    rc, out = pamtester(svc, cid_user[0], *(["acct_mgmt"] * 20))
+    assert out.count("Permission denied") == 1      # pamtester stops at the first failure
+    svc2 = services.make(stack(built_so, "config=/nonexistent action_generic_failure=allow "
+                                         "audit=%s" % audit))
+    rc, out = pamtester(svc2, cid_user[0], *(["acct_mgmt"] * 20))
+    assert rc == 0 and out.count("account management done") == 20, out
+    pids = {r["pid"] for r in read_audit(audit)}
+    assert len(pids) == 2
+
+
+def test_concurrent_audit_lines_never_interleave(built_so, services, cid_user, tmp_path):
+    audit = tmp_path / "a.jsonl"
+    svc = services.make(stack(built_so, "config=/nonexistent action_generic_failure=allow "
+                                        "audit=%s" % audit))
+    procs = [subprocess.Popen(["pamtester", svc, cid_user[0]] + ["acct_mgmt"] * 10,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(8)]
+    for p in procs:
+        assert p.wait(timeout=60) == 0
+    recs = read_audit(audit)          # json.loads would fail on an interleaved line
+    assert len(recs) == 80
+
+
+def test_messages_and_quiet(built_so, services, cid_user):
+    svc = services.make(stack(built_so, "config=/nonexistent action_generic_failure=allow "
+                                        "audit=none"))
+    rc, out = pamtester(svc, cid_user[0], "acct_mgmt")
+    assert "No Slurm jobs found on node." in out
