@@ -1,0 +1,162 @@
+"""Caller-ID client.  Used by the PAM module on every ssh login: minimal imports (stdlib socket
+and struct; cffi/libmunge only when a MungeAuth is built), one total wall-clock deadline, and
+no exception for network trouble: every outcome is a typed `Answer`.
+
+    from daemon.client import query, auth_from_config
+    ans = query("10.0.0.5", 6820, ("10.0.0.5", 40022), ("10.0.0.7", 22),
+                auth=auth_from_config(cfg), timeout=2.0)
+    if ans.outcome == FOUND: ans.job_id, ans.job_uid, ans.node
+"""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+from . import protocol as P
+
+FOUND = "found"
+UNKNOWN = "unknown"
+REFUSED = "refused"
+ERROR = "error"              # the daemon answered "error" (its lookup failed)
+UNREACHABLE = "unreachable"  # no connection, timeout, or closed without a reply
+INVALID = "invalid"          # a reply came but was rejected (forged, wrong nonce, malformed)
+LOCAL_ERROR = "local-error"  # we could not build a request (bad arguments, munged down here)
+
+OUTCOMES = (FOUND, UNKNOWN, REFUSED, ERROR, UNREACHABLE, INVALID, LOCAL_ERROR)
+_STATUS_OUTCOME = {P.STATUS_FOUND: FOUND, P.STATUS_UNKNOWN: UNKNOWN,
+                   P.STATUS_REFUSED: REFUSED, P.STATUS_ERROR: ERROR}
+
+
+@dataclass(frozen=True)
+class Answer:
+    outcome: str
+    job_id: int | None = None
+    job_uid: int | None = None
+    node: str | None = None
+    detail: str = ""
+    elapsed_ms: float = 0.0
+
+    @property
+    def found(self) -> bool:
+        return self.outcome == FOUND
+
+
+def parse_endpoint(s) -> tuple[str, int]:
+    """"1.2.3.4:22", "[fd00::1]:22" or ("1.2.3.4", 22) -> (addr, port)."""
+    if isinstance(s, tuple):
+        return str(s[0]), int(s[1])
+    s = s.strip()
+    if s.startswith("["):
+        addr, _, rest = s[1:].partition("]")
+        if not rest.startswith(":"):
+            raise ValueError(f"bad endpoint {s!r}: expected [ADDR]:PORT")
+        return addr, int(rest[1:])
+    addr, sep, port = s.rpartition(":")
+    if not sep or ":" in addr:
+        raise ValueError(f"bad endpoint {s!r}: expected ADDR:PORT (IPv6 as [ADDR]:PORT)")
+    return addr, int(port)
+
+
+def auth_from_config(cfg):
+    """Build the Authenticator the config asks for (may raise auth.AuthError)."""
+    from .auth import make_auth
+    return make_auth(cfg.auth_type, key_file=cfg.key_file, munge_socket=cfg.munge_socket,
+                     munge_ttl=cfg.munge_ttl)
+
+
+def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: str = "tcp",
+          trusted_uids=frozenset({0}), request: P.Request | None = None) -> Answer:
+    """Ask the caller-ID daemon on `host` which job owns its end (src) of the connection
+    src -> dst.  Never raises for network trouble; never takes longer than `timeout` seconds
+    (plus one munge round trip to the local munged for signing/verifying)."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+
+    def done(outcome, detail="", reply: P.Reply | None = None):
+        el = (time.monotonic() - t0) * 1e3
+        if reply is None:
+            return Answer(outcome, detail=detail, elapsed_ms=el)
+        found = reply.status == P.STATUS_FOUND
+        return Answer(outcome, reply.job_id if found else None, reply.job_uid if found else None,
+                      reply.node or None, detail, el)
+
+    try:
+        if request is None:
+            sa, sp = parse_endpoint(src)
+            da, dp = parse_endpoint(dst)
+            request = P.Request.make(sa, sp, da, dp, proto)
+        frame = _seal(request, auth)
+    except (ValueError, KeyError) as e:
+        return done(LOCAL_ERROR, f"bad request: {e}")
+    except Exception as e:  # AuthError / AuthUnavailable (munged unreachable here)
+        return done(LOCAL_ERROR, f"cannot sign request: {e}")
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_NUMERICSERV)
+    except (OSError, UnicodeError) as e:
+        return done(UNREACHABLE, f"resolve {host}: {e}")
+    last = "no address"
+    for fam, st, pr, _, addr in infos:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return done(UNREACHABLE, f"timeout ({last})")
+        try:
+            s = socket.socket(fam, st | socket.SOCK_CLOEXEC, pr)
+        except OSError as e:
+            last = str(e)
+            continue
+        try:
+            s.settimeout(remaining)
+            try:
+                s.connect(addr)
+            except OSError as e:
+                last = f"connect {addr[0]}:{addr[1]}: {e.strerror or e}"
+                continue
+            return _exchange(s, frame, request, auth, deadline, trusted_uids, done)
+        finally:
+            s.close()
+    return done(UNREACHABLE, last)
+
+
+def _seal(request, auth) -> bytes:
+    from .wire import seal_request
+    return seal_request(request, auth)
+
+
+def _exchange(s, frame, request, auth, deadline, trusted_uids, done) -> Answer:
+    try:
+        s.sendall(frame)
+    except OSError as e:
+        return done(UNREACHABLE, f"send: {e}")
+    dec = P.FrameDecoder(max_frames=1)
+    got = None
+    while got is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return done(UNREACHABLE, "timeout waiting for reply")
+        s.settimeout(remaining)
+        try:
+            data = s.recv(P.MAX_FRAME)
+        except (socket.timeout, TimeoutError):
+            return done(UNREACHABLE, "timeout waiting for reply")
+        except OSError as e:
+            return done(UNREACHABLE, f"recv: {e}")
+        try:
+            if not data:
+                dec.eof()
+                return done(UNREACHABLE, "connection closed without a reply")
+            frames = dec.feed(data)
+        except P.ProtocolError as e:
+            return done(INVALID, f"malformed reply: {e}")
+        if frames:
+            got = frames[0]
+    from .wire import ReplyRejected, open_reply
+    try:
+        reply = open_reply(got, auth, request.nonce, trusted_uids)
+    except ReplyRejected as e:
+        return done(INVALID, str(e))
+    except Exception as e:  # munged unavailable while verifying
+        return done(LOCAL_ERROR, f"cannot verify reply: {e}")
+    return done(_STATUS_OUTCOME[reply.status], "", reply)

@@ -1,0 +1,202 @@
+"""/etc/slurm/callerid.conf: Key=Value lines in slurm.conf style (keys case-insensitive).
+
+Shared by the daemon, the `callerid` CLI and the PAM module.  Every key is documented in
+daemon/README.md.  Bad values are errors naming file, line and key.  Unknown keys are errors
+with strict=True; otherwise (the default, since the PAM module keeps its own keys in the same
+file) they are collected in Config.unknown_keys and the daemon logs a warning for each.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+DEFAULT_PATH = "/etc/slurm/callerid.conf"
+DEFAULT_PORT = 6820
+DEFAULT_KEY_FILE = "/etc/slurm/callerid.key"
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "yes", "true", "on"):
+        return True
+    if s in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+def _list(v: str) -> list[str]:
+    return [x.strip() for x in v.split(",") if x.strip()]
+
+
+@dataclass
+class Config:
+    port: int = DEFAULT_PORT
+    listen_addresses: list[str] = field(default_factory=lambda: ["::", "0.0.0.0"])
+    auth_type: str = "munge"
+    key_file: str = DEFAULT_KEY_FILE
+    munge_socket: str | None = None
+    munge_ttl: int | None = None
+    slurm_user: str = "slurm"
+    reply_user: str = "root"
+    node_name: str | None = None
+    scan_all_processes: bool = True
+    sock_diag: str = "netlink"
+    cgroup_roots: list[str] = field(default_factory=list)
+    max_connections: int = 256
+    rate_limit: float = 50.0
+    rate_burst: int = 100
+    read_timeout: float = 2.0
+    connection_timeout: float = 5.0
+    max_clock_skew: float = 60.0
+    workers: int = 4
+    log_level: str = "info"
+    query_timeout: float = 2.0
+    source: str = "<defaults>"
+    unknown_keys: list[str] = field(default_factory=list)
+
+    def slurm_uid(self) -> int | None:
+        return _uid_of(self.slurm_user)
+
+    def reply_uids(self) -> frozenset[int]:
+        uid = _uid_of(self.reply_user)
+        return frozenset({0} if uid is None else {0, uid})
+
+    def node(self) -> str:
+        if self.node_name:
+            return self.node_name
+        return os.uname().nodename.split(".")[0]
+
+
+def _uid_of(name: str) -> int | None:
+    if name is None or name == "":
+        return None
+    if name.isdigit():
+        return int(name)
+    import pwd
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+# key (lower case) -> (attribute, converter, check)
+def _pos(x):
+    return x > 0
+
+
+_KEYS = {
+    "port": ("port", int, lambda x: 0 < x < 65536),
+    "listenaddresses": ("listen_addresses", _list, bool),
+    "authtype": ("auth_type", lambda v: v.strip().lower(), lambda x: x in ("munge", "hmac")),
+    "keyfile": ("key_file", str, bool),
+    "mungesocket": ("munge_socket", str, bool),
+    "mungettl": ("munge_ttl", int, _pos),
+    "slurmuser": ("slurm_user", str, lambda x: True),
+    "replyuser": ("reply_user", str, bool),
+    "nodename": ("node_name", str, lambda x: 0 < len(x) <= 64 and all(0x21 <= ord(c) < 0x7F for c in x)),
+    "scanallprocesses": ("scan_all_processes", _bool, lambda x: True),
+    "sockdiag": ("sock_diag", lambda v: v.strip().lower(), lambda x: x in ("netlink", "pyroute2", "no")),
+    "cgrouproots": ("cgroup_roots", _list, lambda x: True),
+    "maxconnections": ("max_connections", int, _pos),
+    "ratelimit": ("rate_limit", float, _pos),
+    "rateburst": ("rate_burst", int, _pos),
+    "readtimeout": ("read_timeout", float, _pos),
+    "connectiontimeout": ("connection_timeout", float, _pos),
+    "maxclockskew": ("max_clock_skew", float, _pos),
+    "workers": ("workers", int, lambda x: 0 < x <= 64),
+    "loglevel": ("log_level", lambda v: v.strip().lower(),
+                 lambda x: x in ("debug", "info", "warning", "error")),
+    "querytimeout": ("query_timeout", float, _pos),
+}
+
+KEY_NAMES = {
+    "port": "Port", "listenaddresses": "ListenAddresses", "authtype": "AuthType",
+    "keyfile": "KeyFile", "mungesocket": "MungeSocket", "mungettl": "MungeTTL",
+    "slurmuser": "SlurmUser", "replyuser": "ReplyUser", "nodename": "NodeName",
+    "scanallprocesses": "ScanAllProcesses", "sockdiag": "SockDiag", "cgrouproots": "CgroupRoots",
+    "maxconnections": "MaxConnections", "ratelimit": "RateLimit", "rateburst": "RateBurst",
+    "readtimeout": "ReadTimeout", "connectiontimeout": "ConnectionTimeout",
+    "maxclockskew": "MaxClockSkew", "workers": "Workers", "loglevel": "LogLevel",
+    "querytimeout": "QueryTimeout",
+}
+
+# Keys the PAM module reads from the same file; accepted (and ignored) here.
+FOREIGN_KEYS: set[str] = set()
+
+
+def _parse_text(text: str, filename: str):
+    try:
+        from cgroups.conf import parse_conf_text
+    except Exception:  # cgroups package unavailable: minimal fallback
+        parse_conf_text = None
+    if parse_conf_text is not None:
+        try:
+            return parse_conf_text(text, filename)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        for tok in line.split():
+            if "=" not in tok:
+                raise ConfigError(f"{filename}:{n}: expected Key=Value, got {tok!r}")
+            k, v = tok.split("=", 1)
+            out.append((k, v, n))
+    return out
+
+
+def parse_config(text: str, filename: str = "<string>", *, strict: bool = False) -> Config:
+    cfg = Config(source=filename)
+    for key, value, lineno in _parse_text(text, filename):
+        lk = key.lower()
+        if lk == "include":
+            raise ConfigError(f"{filename}:{lineno}: Include is not supported in callerid.conf")
+        spec = _KEYS.get(lk)
+        if spec is None:
+            if lk in FOREIGN_KEYS:
+                continue
+            if not strict:
+                cfg.unknown_keys.append(f"{filename}:{lineno}: {key}")
+                continue
+            raise ConfigError(f"{filename}:{lineno}: unknown key {key!r}")
+        attr, conv, check = spec
+        try:
+            val = conv(value)
+            ok = check(val)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{filename}:{lineno}: bad value for {KEY_NAMES[lk]}: {value!r} ({e})") from None
+        if not ok:
+            raise ConfigError(f"{filename}:{lineno}: bad value for {KEY_NAMES[lk]}: {value!r}")
+        setattr(cfg, attr, val)
+    return cfg
+
+
+def load_config(path: str | None = None, *, required: bool = False, strict: bool = False) -> Config:
+    """Load the config file.  A missing default file means defaults; a missing explicit file
+    (or required=True) is an error."""
+    explicit = path is not None
+    path = path or os.environ.get("CALLERID_CONF") or DEFAULT_PATH
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except FileNotFoundError:
+        if explicit or required:
+            raise ConfigError(f"{path}: no such file") from None
+        return Config(source="<defaults>")
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_config(text, path, strict=strict)
+
+
+def config_field_names() -> list[str]:
+    return [f.name for f in fields(Config)]

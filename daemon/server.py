@@ -1,0 +1,266 @@
+"""The caller-ID daemon: asyncio server, one authenticated request and reply per connection.
+
+Event loop: accept, rate-limit, read with timeouts, decode frames (sans-IO).  Worker threads:
+munge encode/decode (blocking socket calls to munged) and the /proc + netlink lookup.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from . import protocol as P
+from . import wire
+from .auth import AuthError, AuthUnavailable
+from .lookup import Lookup
+
+log = logging.getLogger("callerid")
+security = logging.getLogger("callerid.security")
+
+
+class RateLimiter:
+    """Token bucket per source address; the table is bounded (least recently seen evicted)."""
+
+    def __init__(self, rate: float, burst: int, max_sources: int = 4096):
+        self.rate = rate
+        self.burst = burst
+        self.max_sources = max_sources
+        self._t: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, last = self._t.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        ok = tokens >= 1.0
+        if ok:
+            tokens -= 1.0
+        self._t[key] = (tokens, now)
+        while len(self._t) > self.max_sources:
+            self._t.popitem(last=False)
+        return ok
+
+
+class ReplayCache:
+    """Request nonces seen within the clock-skew window; bounded.
+
+    When full, the oldest entry is evicted and every request not newer than the evicted one is
+    refused from then on (the window shrinks rather than the protection)."""
+
+    def __init__(self, window_ms: int, max_entries: int = 131072):
+        self.window_ms = window_ms
+        self.max_entries = max_entries
+        self._d: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._floor = 0
+        self._lock = threading.Lock()
+
+    def check_and_add(self, nonce: bytes, ts_ms: int, now_ms: int | None = None) -> str | None:
+        """None if fresh, else a reason token."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if abs(now_ms - ts_ms) > self.window_ms:
+            return "stale-timestamp"
+        with self._lock:
+            while self._d:
+                k, t = next(iter(self._d.items()))
+                if t < now_ms - self.window_ms:
+                    self._d.popitem(last=False)
+                else:
+                    break
+            if ts_ms <= self._floor:
+                return "stale-timestamp"
+            if nonce in self._d:
+                return "replayed"
+            self._d[nonce] = ts_ms
+            while len(self._d) > self.max_entries:
+                _, t = self._d.popitem(last=False)
+                self._floor = max(self._floor, t)
+        return None
+
+
+class Handler:
+    """Synchronous request processing (runs in a worker thread): auth, lookup, authz, reply."""
+
+    def __init__(self, auth, lookup: Lookup, *, node: str, slurm_uid: int | None,
+                 max_clock_skew: float = 60.0):
+        self.auth = auth
+        self.lookup = lookup
+        self.node = node
+        self.slurm_uid = slurm_uid
+        self.replay = ReplayCache(int(max_clock_skew * 1000))
+
+    def _reply(self, status, nonce, job=P.NO_JOB, uid=P.NO_UID) -> bytes:
+        return wire.seal_reply(P.Reply(status, nonce, job, uid, self.node), self.auth)
+
+    def handle(self, frame: P.Frame, peer: str) -> bytes | None:
+        try:
+            req, uid = wire.open_request(frame, self.auth)
+        except P.ProtocolError as e:
+            log.info("event=bad-request peer=%s reason=%s", peer, e)
+            return None
+        except AuthUnavailable as e:
+            log.error("event=auth-unavailable peer=%s error=%s", peer, e)
+            return None
+        except AuthError as e:
+            security.warning("event=security-auth-failure peer=%s reason=%s detail=%r",
+                             peer, e.reason, e.detail)
+            try:
+                nonce = P.Request.decode_body(frame.body).nonce
+                return self._reply(P.STATUS_REFUSED, nonce)
+            except Exception:
+                return None
+        why = self.replay.check_and_add(req.nonce, req.timestamp_ms)
+        if why is not None:
+            security.warning("event=security-%s peer=%s uid=%d conn=%r", why, peer, uid, req.describe())
+            return self._reply(P.STATUS_REFUSED, req.nonce)
+        try:
+            res = self.lookup.lookup(req)
+        except Exception as e:  # a bug or an unexpected kernel answer: answer "error", keep serving
+            log.exception("event=lookup-error peer=%s conn=%r", peer, req.describe())
+            return self._reply(P.STATUS_ERROR, req.nonce)
+        privileged = uid == 0 or (self.slurm_uid is not None and uid == self.slurm_uid)
+        if res.status == P.STATUS_FOUND and not privileged and res.job_uid != uid:
+            security.warning("event=security-violation peer=%s uid=%d conn=%r job=%d job_uid=%d",
+                             peer, uid, req.describe(), res.job_id, res.job_uid)
+            return self._reply(P.STATUS_REFUSED, req.nonce)
+        log.info("event=answer peer=%s uid=%d conn=%r status=%s job=%s pid=%s via=%s stage=%s why=%s ms=%.2f",
+                 peer, uid, req.describe(), P.STATUS_NAMES[res.status], res.job_id or "-",
+                 res.pid or "-", res.sock.via if res.sock else "-", res.stage or "-", res.why or "-",
+                 res.elapsed_ms)
+        return self._reply(res.status, req.nonce, res.job_id, res.job_uid)
+
+
+class Server:
+    def __init__(self, cfg, auth, lookup: Lookup, *, node: str | None = None):
+        self.cfg = cfg
+        self.handler = Handler(auth, lookup, node=node or cfg.node(), slurm_uid=cfg.slurm_uid(),
+                               max_clock_skew=cfg.max_clock_skew)
+        self.rate = RateLimiter(cfg.rate_limit, cfg.rate_burst)
+        self.pool = concurrent.futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="callerid")
+        self.servers: list[asyncio.AbstractServer] = []
+        self.active = 0
+        self.stats = collections.Counter()
+        self.port = cfg.port
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> list[str]:
+        bound = []
+        errors = []
+        port = self.cfg.port
+        for addr in self.cfg.listen_addresses:
+            try:
+                srv = await asyncio.start_server(self._on_conn, host=addr, port=port,
+                                                 reuse_address=True, backlog=1024,
+                                                 limit=P.MAX_FRAME)
+            except OSError as e:
+                errors.append(f"{addr}:{port}: {e.strerror}")
+                continue
+            self.servers.append(srv)
+            for s in srv.sockets:
+                name = s.getsockname()
+                if port == 0:
+                    port = name[1]
+                bound.append(f"[{name[0]}]:{name[1]}" if s.family == socket.AF_INET6 else f"{name[0]}:{name[1]}")
+        if not self.servers:
+            raise OSError(f"cannot listen: {'; '.join(errors)}")
+        for e in errors:
+            log.warning("event=listen-failed address=%s", e)
+        self.port = port
+        return bound
+
+    async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _serve(self, reader, writer):
+        peer = writer.get_extra_info("peername")
+        host = P.normalise_addr(peer[0]).compressed if peer else "?"
+        self.stats["connections"] += 1
+        if self.active >= self.cfg.max_connections:
+            self.stats["over-capacity"] += 1
+            writer.transport.abort()
+            return
+        if not self.rate.allow(host):
+            self.stats["rate-limited"] += 1
+            if self.stats["rate-limited"] % 100 == 1:
+                log.warning("event=rate-limited peer=%s total=%d", host, self.stats["rate-limited"])
+            writer.transport.abort()
+            return
+        self.active += 1
+        try:
+            async with asyncio.timeout(self.cfg.connection_timeout):
+                dec = P.FrameDecoder(max_frames=1)
+                frame = None
+                while frame is None:
+                    data = await asyncio.wait_for(reader.read(P.MAX_FRAME), self.cfg.read_timeout)
+                    if not data:
+                        dec.eof()
+                        return
+                    frames = dec.feed(data)
+                    if frames:
+                        frame = frames[0]
+                loop = asyncio.get_running_loop()
+                out = await loop.run_in_executor(self.pool, self.handler.handle, frame, host)
+                if out is None:
+                    self.stats["dropped"] += 1
+                    return
+                writer.write(out)
+                await writer.drain()
+                self.stats["answered"] += 1
+        except P.ProtocolError as e:
+            self.stats["protocol-errors"] += 1
+            log.info("event=bad-frame peer=%s reason=%s", host, e)
+        except (TimeoutError, asyncio.TimeoutError):
+            self.stats["timeouts"] += 1
+            log.info("event=timeout peer=%s", host)
+        except (ConnectionError, OSError):
+            self.stats["conn-errors"] += 1
+        finally:
+            self.active -= 1
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    def request_stop(self):
+        self._stop.set()
+
+    async def serve_until_stopped(self):
+        await self._stop.wait()
+        log.info("event=stopping active=%d", self.active)
+        for s in self.servers:
+            s.close()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+        for s in self.servers:
+            try:
+                await asyncio.wait_for(s.wait_closed(), 1.0)
+            except (TimeoutError, asyncio.TimeoutError):
+                pass
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        log.info("event=stopped %s", " ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
+
+
+async def run(cfg, auth, lookup, *, ready=None) -> int:
+    srv = Server(cfg, auth, lookup)
+    bound = await srv.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, srv.request_stop)
+    log.info("event=listening node=%s addresses=%s auth=%s sockdiag=%s scan_all=%s pid=%d",
+             srv.handler.node, ",".join(bound), auth.name, lookup.sock_backend,
+             cfg.scan_all_processes, os.getpid())
+    if ready is not None:
+        ready(srv)
+    await srv.serve_until_stopped()
+    return 0

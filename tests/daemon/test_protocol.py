@@ -1,0 +1,224 @@
+"""Sans-IO protocol: round trips and hostile input (pure unit tests, no sockets)."""
+import ipaddress
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+from daemon import protocol as P
+from daemon import wire
+from daemon.auth import HmacAuth, AuthError
+
+KEY = bytes(range(32))
+AUTH = HmacAuth(KEY)
+OTHER = HmacAuth(bytes(32))
+
+v4 = st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))
+v6 = st.builds(ipaddress.IPv6Address, st.integers(0, 2**128 - 1)).filter(lambda a: a.ipv4_mapped is None)
+ports = st.integers(1, 65535)
+
+
+@st.composite
+def requests(draw):
+    fam = draw(st.sampled_from([4, 6]))
+    a = draw(v4 if fam == 4 else v6)
+    b = draw(v4 if fam == 4 else v6)
+    return P.Request(a, draw(ports), b, draw(ports), draw(st.sampled_from([6, 17])),
+                     draw(st.binary(min_size=16, max_size=16)), draw(st.integers(0, 2**64 - 1)))
+
+
+@st.composite
+def replies(draw):
+    status = draw(st.sampled_from(list(P.STATUS_NAMES)))
+    job = draw(st.integers(1 if status == P.STATUS_FOUND else 0, 2**32 - 1))
+    name = draw(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=64))
+    return P.Reply(status, draw(st.binary(min_size=16, max_size=16)), job,
+                   draw(st.integers(0, 2**32 - 1)), name, draw(st.integers(0, 2**64 - 1)))
+
+
+@given(requests())
+def test_request_round_trip(req):
+    data = wire.seal_request(req, AUTH)
+    assert len(data) <= P.MAX_FRAME
+    frame = P.decode_frame(data)
+    got, uid = wire.open_request(frame, AUTH)
+    assert got == req and uid == 0
+
+
+@given(replies())
+def test_reply_round_trip(rep):
+    data = wire.seal_reply(rep, AUTH)
+    got = wire.open_reply(P.decode_frame(data), AUTH, rep.nonce)
+    assert got == rep
+
+
+@given(requests(), st.data())
+def test_streaming_decoder_any_split(req, data):
+    raw = wire.seal_request(req, AUTH)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=6)))
+    dec = P.FrameDecoder()
+    frames = []
+    prev = 0
+    for c in cuts + [len(raw)]:
+        frames += dec.feed(raw[prev:c])
+        prev = c
+    dec.eof()
+    assert len(frames) == 1 and frames[0] == P.decode_frame(raw)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=3000))
+def test_garbage_never_crashes_and_is_bounded(blob):
+    dec = P.FrameDecoder()
+    try:
+        for i in range(0, len(blob), 97):
+            for f in dec.feed(blob[i:i + 97]):
+                try:
+                    wire.open_request(f, AUTH)
+                except (P.ProtocolError, AuthError):
+                    pass
+            assert dec.buffered <= P.MAX_FRAME
+        dec.eof()
+    except P.ProtocolError as e:
+        assert e.reason
+    try:
+        P.decode_frame(blob)
+    except P.ProtocolError:
+        pass
+
+
+@given(requests(), st.integers(0, 200), st.binary(min_size=1, max_size=1))
+def test_mutated_frames_rejected_cleanly(req, pos, byte):
+    raw = bytearray(wire.seal_request(req, AUTH))
+    pos %= len(raw)
+    if raw[pos:pos + 1] == byte:
+        return
+    raw[pos:pos + 1] = byte
+    try:
+        f = P.decode_frame(bytes(raw))
+        wire.open_request(f, AUTH)
+    except (P.ProtocolError, AuthError) as e:
+        assert e.reason
+    else:
+        pytest.fail("mutated frame accepted")
+
+
+def _req():
+    return P.Request.make("10.0.0.1", 4000, "10.0.0.2", 22)
+
+
+def test_truncated():
+    raw = wire.seal_request(_req(), AUTH)
+    for n in (0, 5, 11, 12, 40, len(raw) - 1):
+        with pytest.raises(P.ProtocolError) as ei:
+            P.decode_frame(raw[:n])
+        assert ei.value.reason == "truncated"
+    dec = P.FrameDecoder()
+    assert dec.feed(raw[:30]) == []
+    with pytest.raises(P.ProtocolError) as ei:
+        dec.eof()
+    assert ei.value.reason == "truncated"
+
+
+def test_oversized_rejected_from_header_alone():
+    hdr = P.HEADER.pack(P.MAGIC, P.VERSION, P.TYPE_REQUEST, P.AUTH_HMAC, 0, 60000, 32)
+    dec = P.FrameDecoder()
+    with pytest.raises(P.ProtocolError) as ei:
+        dec.feed(hdr)
+    assert ei.value.reason == "oversized"
+    with pytest.raises(P.ProtocolError):  # poisoned
+        dec.feed(b"x")
+    hdr = P.HEADER.pack(P.MAGIC, P.VERSION, P.TYPE_REQUEST, P.AUTH_HMAC, 0, 62, 5000)
+    with pytest.raises(P.ProtocolError) as ei:
+        P.FrameDecoder().feed(hdr)
+    assert ei.value.reason == "oversized"
+
+
+def test_wrong_version_and_magic():
+    raw = bytearray(wire.seal_request(_req(), AUTH))
+    raw[4] = 2
+    with pytest.raises(P.ProtocolError) as ei:
+        P.decode_frame(bytes(raw))
+    assert ei.value.reason == "unknown-version"
+    raw[0:4] = b"SSH-"
+    with pytest.raises(P.ProtocolError) as ei:
+        P.FrameDecoder().feed(bytes(raw))
+    assert ei.value.reason == "bad-magic"
+
+
+def test_missing_and_bad_auth():
+    req = _req()
+    body = req.encode_body()
+    with pytest.raises(P.ProtocolError) as ei:
+        P.decode_frame(P.HEADER.pack(P.MAGIC, 1, 1, P.AUTH_HMAC, 0, len(body), 0) + body)
+    assert ei.value.reason == "missing-auth"
+    forged = wire.seal_request(req, OTHER)
+    with pytest.raises(AuthError) as ei:
+        wire.open_request(P.decode_frame(forged), AUTH)
+    assert ei.value.reason == "bad-mac"
+
+
+def test_two_frames_on_one_connection_rejected():
+    raw = wire.seal_request(_req(), AUTH)
+    dec = P.FrameDecoder(max_frames=1)
+    with pytest.raises(P.ProtocolError) as ei:
+        dec.feed(raw + raw)
+    assert ei.value.reason == "too-many-frames"
+
+
+def test_reply_wrong_nonce_forged_and_type_confusion():
+    req = _req()
+    good = P.Reply(P.STATUS_FOUND, req.nonce, 42, 1000, "node1")
+    with pytest.raises(wire.ReplyRejected) as ei:
+        wire.open_reply(P.decode_frame(wire.seal_reply(good, AUTH)), AUTH, os.urandom(16))
+    assert ei.value.reason == "wrong-nonce"
+    with pytest.raises(wire.ReplyRejected) as ei:
+        wire.open_reply(P.decode_frame(wire.seal_reply(good, OTHER)), AUTH, req.nonce)
+    assert ei.value.reason == "bad-auth"
+    # a request echoed back as if it were a reply
+    with pytest.raises(wire.ReplyRejected) as ei:
+        wire.open_reply(P.decode_frame(wire.seal_request(req, AUTH)), AUTH, req.nonce)
+    assert ei.value.reason == "unexpected-type"
+    # a reply frame relabelled as a request: the MAC covers the type
+    raw = bytearray(wire.seal_reply(good, AUTH))
+    raw[5] = P.TYPE_REQUEST
+    with pytest.raises((P.ProtocolError, AuthError)):
+        wire.open_request(P.decode_frame(bytes(raw)), AUTH)
+
+
+def test_v4_mapped_normalised():
+    r = P.Request.make("::ffff:10.1.2.3", 5000, "::ffff:10.1.2.4", 22)
+    assert r.family == 4 and str(r.src) == "10.1.2.3"
+    with pytest.raises(ValueError):
+        P.Request.make("10.1.2.3", 5000, "fd00::1", 22)
+    with pytest.raises(ValueError):
+        P.Request.make("10.1.2.3", 0, "10.1.2.4", 22)
+
+
+def test_bad_request_fields():
+    req = _req()
+    body = bytearray(req.encode_body())
+    body[0] = 5
+    with pytest.raises(P.ProtocolError):
+        P.Request.decode_body(bytes(body))
+    body = bytearray(req.encode_body())
+    body[1] = 1
+    with pytest.raises(P.ProtocolError):
+        P.Request.decode_body(bytes(body))
+    body = bytearray(req.encode_body())
+    body[6 + 5] = 1  # non-zero IPv4 padding
+    with pytest.raises(P.ProtocolError):
+        P.Request.decode_body(bytes(body))
+    with pytest.raises(P.ProtocolError):
+        P.Request.decode_body(bytes(body[:-1]))
+
+
+def test_reply_node_name_checks():
+    n = os.urandom(16)
+    body = P.Reply(P.STATUS_UNKNOWN, n, node="a b").encode_body()
+    with pytest.raises(P.ProtocolError):
+        P.Reply.decode_body(body)
+    body = P.Reply(P.STATUS_FOUND, n, 0).encode_body()
+    with pytest.raises(P.ProtocolError):
+        P.Reply.decode_body(body)
