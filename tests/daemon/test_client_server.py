@@ -1,0 +1,393 @@
+"""Client and server on loopback with real munge and HMAC: forged, replayed and mis-bound
+replies; replayed and stale requests; hostile connections; limits; CLI and config errors."""
+import asyncio
+import os
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon import client as C
+from daemon import protocol as P
+from daemon import wire
+from daemon.auth import HmacAuth, MungeAuth, load_key, AuthError
+from daemon.config import Config, parse_config, ConfigError
+from daemon.jobs import CgroupJobs
+from daemon.lookup import Lookup
+from daemon.server import Server, ReplayCache, RateLimiter
+
+from .conftest import NOBODY, PY, ROOT
+
+KEY = bytes(range(32))
+
+
+class ServerThread:
+    def __init__(self, auth, **cfgkw):
+        cfg = Config(port=0, listen_addresses=["127.0.0.1"], node_name="testnode",
+                     cgroup_roots=["/nonexistent"], **cfgkw)
+        self.lookup = Lookup(CgroupJobs(["/nonexistent"], use_cgroups_pkg=False))
+        self.cfg = cfg
+        self.auth = auth
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.srv = Server(self.cfg, self.auth, self.lookup)
+        self.loop.run_until_complete(self.srv.start())
+        self.port = self.srv.port
+        self.ready.set()
+        self.loop.run_until_complete(self.srv.serve_until_stopped())
+
+    def __enter__(self):
+        self.t.start()
+        assert self.ready.wait(5)
+        return self
+
+    def __exit__(self, *a):
+        self.loop.call_soon_threadsafe(self.srv.request_stop)
+        self.t.join(5)
+        self.loop.close()
+        self.lookup.close()
+
+
+class FakeServer:
+    """Accepts one connection at a time, reads a request frame, answers with respond(frame)."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.s = socket.socket()
+        self.s.bind(("127.0.0.1", 0))
+        self.s.listen(8)
+        self.port = self.s.getsockname()[1]
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.s.accept()
+            except OSError:
+                return
+            with c:
+                dec = P.FrameDecoder()
+                frames = []
+                while not frames:
+                    d = c.recv(4096)
+                    if not d:
+                        break
+                    frames = dec.feed(d)
+                if frames:
+                    out = self.respond(frames[0])
+                    if out:
+                        c.sendall(out)
+                    elif out is None:
+                        time.sleep(10)
+
+    def close(self):
+        self.s.close()
+
+
+def _q(port, auth, **kw):
+    return C.query("127.0.0.1", port, ("127.0.0.1", 40000), ("127.0.0.1", 22), auth=auth,
+                   timeout=kw.pop("timeout", 3.0), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# replies the client must reject
+
+
+def test_forged_reply_hmac_rejected():
+    auth = HmacAuth(KEY)
+    evil = HmacAuth(bytes(32))
+
+    def respond(f):
+        req = P.Request.decode_body(f.body)
+        return wire.seal_reply(P.Reply(P.STATUS_FOUND, req.nonce, 666, 0, "evil"), evil)
+    fs = FakeServer(respond)
+    try:
+        a = _q(fs.port, auth)
+        assert a.outcome == C.INVALID and "bad-auth" in a.detail and a.job_id is None
+    finally:
+        fs.close()
+
+
+def test_reply_with_wrong_nonce_rejected():
+    auth = HmacAuth(KEY)
+    fs = FakeServer(lambda f: wire.seal_reply(P.Reply(P.STATUS_FOUND, os.urandom(16), 666, 0, "x"), auth))
+    try:
+        a = _q(fs.port, auth)
+        assert a.outcome == C.INVALID and "wrong-nonce" in a.detail
+    finally:
+        fs.close()
+
+
+def test_unauthenticated_garbage_reply_rejected():
+    auth = HmacAuth(KEY)
+    fs = FakeServer(lambda f: b"HTTP/1.0 200 OK\r\n\r\njob 666\n")
+    try:
+        a = _q(fs.port, auth)
+        assert a.outcome == C.INVALID and "bad-magic" in a.detail
+    finally:
+        fs.close()
+
+
+@pytest.mark.root
+def test_replayed_munge_reply_rejected(munged):
+    auth = MungeAuth(munged.socket)
+    captured = {}
+
+    def respond(f):
+        req = P.Request.decode_body(f.body)
+        if "frame" not in captured:
+            captured["frame"] = wire.seal_reply(P.Reply(P.STATUS_FOUND, req.nonce, 7, 0, "n"), auth)
+        return captured["frame"]
+    fs = FakeServer(respond)
+    try:
+        req = P.Request.make("127.0.0.1", 40000, "127.0.0.1", 22)
+        a = _q(fs.port, auth, request=req)
+        assert a.outcome == C.FOUND and a.job_id == 7
+        # the very same (genuine) reply again, even for a request with the same nonce
+        a = _q(fs.port, auth, request=req)
+        assert a.outcome == C.INVALID and "replayed" in a.detail
+        # and for any new request it is bound to the wrong nonce
+        a = _q(fs.port, auth)
+        assert a.outcome == C.INVALID
+    finally:
+        fs.close()
+
+
+@pytest.mark.root
+def test_munge_reply_from_non_root_rejected(munged):
+    """Anyone can bind the port on a login node and get munged to sign: the uid tells."""
+    auth = MungeAuth(munged.socket)
+    req = P.Request.make("127.0.0.1", 40000, "127.0.0.1", 22)
+    body = P.Reply(P.STATUS_FOUND, req.nonce, 666, 0, "evil").encode_body()
+    signed = P.signed_bytes(P.TYPE_REPLY, P.AUTH_MUNGE, body)
+    code = ("import sys; from daemon.auth import MungeAuth; "
+            f"sys.stdout.buffer.write(MungeAuth({munged.socket!r}).sign(2, bytes.fromhex({signed.hex()!r})))")
+    cred = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                           PY, "-c", code], capture_output=True, cwd=str(ROOT),
+                          env={"PYTHONPATH": str(ROOT)}, check=True).stdout
+    frame = P.encode_frame(P.TYPE_REPLY, P.AUTH_MUNGE, body, cred)
+    fs = FakeServer(lambda f: frame)
+    try:
+        a = _q(fs.port, auth, request=req)
+        assert a.outcome == C.INVALID and "untrusted-sender" in a.detail and str(NOBODY) in a.detail
+    finally:
+        fs.close()
+
+
+def test_client_deadline_when_server_never_answers():
+    fs = FakeServer(lambda f: None)
+    try:
+        t = time.monotonic()
+        a = _q(fs.port, HmacAuth(KEY), timeout=0.5)
+        assert a.outcome == C.UNREACHABLE and time.monotonic() - t < 1.0
+    finally:
+        fs.close()
+
+
+def test_client_unreachable_and_bad_args():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    assert _q(port, HmacAuth(KEY)).outcome == C.UNREACHABLE
+    a = C.query("127.0.0.1", port, "1.2.3.4:0", "1.2.3.5:22", auth=HmacAuth(KEY))
+    assert a.outcome == C.LOCAL_ERROR
+    a = C.query("no-such-host.invalid", port, "1.2.3.4:5", "1.2.3.5:22", auth=HmacAuth(KEY), timeout=1)
+    assert a.outcome == C.UNREACHABLE
+
+
+@pytest.mark.root
+def test_client_munged_down_is_local_error():
+    a = _q(1, MungeAuth("/nonexistent/munge.socket"))
+    assert a.outcome == C.LOCAL_ERROR and "munge" in a.detail
+
+
+# ---------------------------------------------------------------------------------------------
+# the real server on loopback
+
+
+def _raw_exchange(port, data, timeout=3.0):
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            d = s.recv(4096)
+            if not d:
+                return out
+            out += d
+
+
+@pytest.mark.parametrize("scheme", ["hmac", pytest.param("munge", marks=pytest.mark.root)])
+def test_replayed_request_refused(scheme, request):
+    auth = HmacAuth(KEY) if scheme == "hmac" else MungeAuth(request.getfixturevalue("munged").socket)
+    with ServerThread(auth) as st:
+        req = P.Request.make("127.0.0.1", 40000, "127.0.0.1", 22)
+        frame = wire.seal_request(req, auth)
+        r1 = wire.open_reply(P.decode_frame(_raw_exchange(st.port, frame)), auth, req.nonce)
+        assert r1.status == P.STATUS_UNKNOWN and r1.node == "testnode"
+        r2 = wire.open_reply(P.decode_frame(_raw_exchange(st.port, frame)), auth, req.nonce)
+        assert r2.status == P.STATUS_REFUSED
+
+
+def test_stale_request_refused():
+    auth = HmacAuth(KEY)
+    with ServerThread(auth) as st:
+        req = P.Request.make("127.0.0.1", 40000, "127.0.0.1", 22,
+                             timestamp_ms=int(time.time() * 1000) - 3600_000)
+        a = C.query("127.0.0.1", st.port, None, None, auth=auth, request=req)
+        assert a.outcome == C.REFUSED
+
+
+def test_hostile_connections_do_not_hurt_server():
+    auth = HmacAuth(KEY)
+    with ServerThread(auth, read_timeout=0.3, connection_timeout=1.0) as st:
+        assert _raw_exchange(st.port, b"GET / HTTP/1.0\r\n\r\n") == b""
+        hdr = P.HEADER.pack(P.MAGIC, P.VERSION, P.TYPE_REQUEST, P.AUTH_HMAC, 0, 65535, 65535)
+        assert _raw_exchange(st.port, hdr + b"x" * 100000) == b""
+        assert _raw_exchange(st.port, os.urandom(5000)) == b""
+        frame = wire.seal_request(P.Request.make("127.0.0.1", 1, "127.0.0.1", 2), auth)
+        assert _raw_exchange(st.port, frame[:-3]) == b""  # truncated, then EOF
+        # slow loris: partial frame, no EOF -> closed by the read timeout
+        with socket.create_connection(("127.0.0.1", st.port)) as s:
+            s.sendall(frame[:20])
+            s.settimeout(3)
+            t = time.monotonic()
+            assert s.recv(10) == b""
+            assert time.monotonic() - t < 2
+        # a reply frame sent as request
+        rep = wire.seal_reply(P.Reply(P.STATUS_FOUND, os.urandom(16), 1, 0, "x"), auth)
+        assert _raw_exchange(st.port, rep) == b""
+        assert _q(st.port, auth).outcome == C.UNKNOWN
+        assert st.srv.stats["protocol-errors"] >= 3 and st.srv.stats["timeouts"] >= 1
+
+
+def test_rate_limit_and_connection_cap():
+    auth = HmacAuth(KEY)
+    with ServerThread(auth, rate_limit=0.5, rate_burst=3) as st:
+        outs = [_q(st.port, auth).outcome for _ in range(6)]
+        assert outs[:3] == [C.UNKNOWN] * 3
+        assert set(outs[3:]) == {C.UNREACHABLE}
+        assert st.srv.stats["rate-limited"] == 3
+    with ServerThread(auth, max_connections=2, read_timeout=2, connection_timeout=2) as st:
+        idle = [socket.create_connection(("127.0.0.1", st.port)) for _ in range(2)]
+        try:
+            time.sleep(0.2)
+            assert _q(st.port, auth, timeout=1).outcome == C.UNREACHABLE
+            assert st.srv.stats["over-capacity"] >= 1
+        finally:
+            for s in idle:
+                s.close()
+        time.sleep(0.2)
+        assert _q(st.port, auth).outcome == C.UNKNOWN
+
+
+def test_replay_cache_bounded():
+    rc = ReplayCache(window_ms=60000, max_entries=10)
+    now = 1_000_000
+    for i in range(20):
+        assert rc.check_and_add(bytes([i]) * 16, now + i, now_ms=now + 20) is None
+    assert len(rc._d) == 10
+    assert rc.check_and_add(bytes([0]) * 16, now + 0, now_ms=now + 20) == "stale-timestamp"
+    assert rc.check_and_add(bytes([15]) * 16, now + 15, now_ms=now + 20) == "replayed"
+    assert rc.check_and_add(b"n" * 16, now - 70000, now_ms=now) == "stale-timestamp"
+
+
+def test_rate_limiter_table_bounded():
+    rl = RateLimiter(1, 1, max_sources=100)
+    for i in range(1000):
+        rl.allow(f"10.0.{i // 256}.{i % 256}", now=0.0)
+    assert len(rl._t) == 100
+    assert rl.allow("x", now=0.0) and not rl.allow("x", now=0.1) and rl.allow("x", now=1.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# config, keys, CLI
+
+
+def test_config_parse_and_errors():
+    c = parse_config("Port=7000 AuthType=HMAC\nKeyFile=/k # comment\nScanAllProcesses=no\n"
+                     "ListenAddresses=127.0.0.1,::1\nPamOnlyKey=1\n", "t.conf")
+    assert (c.port, c.auth_type, c.key_file, c.scan_all_processes) == (7000, "hmac", "/k", False)
+    assert c.listen_addresses == ["127.0.0.1", "::1"]
+    assert c.unknown_keys == ["t.conf:5: PamOnlyKey"]
+    with pytest.raises(ConfigError, match=r"t.conf:2: bad value for Port"):
+        parse_config("\nPort=99999\n", "t.conf")
+    with pytest.raises(ConfigError, match="AuthType"):
+        parse_config("AuthType=none\n", "t.conf")
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config("Prot=1\n", "t.conf", strict=True)
+    assert Config().port == 6820
+
+
+def test_key_file_checks(tmp_path):
+    p = tmp_path / "k"
+    from daemon.auth import write_key
+    write_key(str(p))
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
+    assert len(load_key(str(p), require_root_owner=False)) == 32
+    with pytest.raises(FileExistsError):
+        write_key(str(p))
+    os.chmod(p, 0o644)
+    with pytest.raises(AuthError, match="mode 0644"):
+        load_key(str(p), require_root_owner=False)
+    os.chmod(p, 0o600)
+    p.write_text("abcd\n")
+    with pytest.raises(AuthError, match="need >= 32"):
+        load_key(str(p), require_root_owner=False)
+    with pytest.raises(AuthError, match="no such|No such"):
+        load_key(str(tmp_path / "missing"))
+
+
+def _cli(*args, **kw):
+    return subprocess.run([PY, "-m", "daemon.cli", *args], capture_output=True, text=True,
+                          cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30, **kw)
+
+
+def test_cli_keygen_and_daemon_config_errors(tmp_path):
+    key = tmp_path / "callerid.key"
+    r = _cli("keygen", "-o", str(key))
+    assert r.returncode == 0 and stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    assert _cli("keygen", "-o", str(key)).returncode == 1
+    conf = tmp_path / "c.conf"
+    conf.write_text("Port=abc\n")
+    r = _cli("daemon", "--config", str(conf))
+    assert r.returncode == 64 and "Port" in r.stderr and "c.conf:1" in r.stderr
+    os.chmod(key, 0o640)
+    conf.write_text(f"AuthType=hmac\nKeyFile={key}\n")
+    r = _cli("daemon", "--config", str(conf))
+    assert r.returncode == 65 and "mode 0640" in r.stderr
+    conf.write_text("AuthType=munge\nMungeSocket=/nonexistent/sock\n")
+    r = _cli("daemon", "--config", str(conf))
+    assert r.returncode == 65 and "munge" in r.stderr
+    r = _cli("daemon", "--config", str(tmp_path / "missing.conf"))
+    assert r.returncode == 64 and "missing.conf" in r.stderr
+    r = _cli("query", "--config", str(conf), "h", "1.2.3.4", "1.2.3.5:22")
+    assert r.returncode in (64, 6)
+
+
+def test_cli_query_exit_codes(tmp_path):
+    key = tmp_path / "k"
+    from daemon.auth import write_key
+    write_key(str(key))
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"AuthType=hmac\nKeyFile={key}\n")
+    auth = HmacAuth.from_file(str(key), require_root_owner=False)
+    with ServerThread(auth) as st:
+        r = _cli("query", "--config", str(conf), "--port", str(st.port), "127.0.0.1",
+                 "127.0.0.1:40000", "127.0.0.1:22")
+        assert r.returncode == 1 and r.stdout.startswith("unknown"), r.stdout + r.stderr
+    r = _cli("query", "--config", str(conf), "--port", str(st.port), "127.0.0.1",
+             "127.0.0.1:40000", "127.0.0.1:22")
+    assert r.returncode == 3 and r.stdout.startswith("unreachable")
+    r = _cli("query", "--config", str(conf), "127.0.0.1", "fd00::1:22", "127.0.0.1:22")
+    assert r.returncode == 64
