@@ -1,0 +1,256 @@
+"""I/O edge: jobs on this node (stepd sockets + cgroup tree), pid -> job, pids in job cgroups.
+
+Owner of a job (uid):
+
+* v1: the ``uid_<U>`` component of the job's cgroup path. slurmstepd creates it (as root) from
+  the job credential, so it is as trustworthy as Slurm itself.
+* v2: the tree carries no uid and every directory is root-owned, and the extern step's
+  placeholder ("sleep 100000000") runs as root. The local source used here is the **real uid
+  of the task processes of the job's other steps** (``job_<J>/step_<S>/user/task_<N>``, S not
+  extern): slurmstepd setuid()s to the job owner before it execs a task, and only root can
+  place processes in those root-owned cgroups, so a process there with real uid U was started
+  by Slurm for the job's owner. A task that runs a setuid program keeps its real uid. A job
+  with only an extern step on this node (salloc + ssh) has no such process: its owner is then
+  unknown (``Job.uid is None``) unless the caller passes ``owner_resolver`` (for example a
+  slurmstepd REQUEST_STEP_UID query, the source pam_slurm_adopt uses); such jobs are never
+  reported as a given user's.
+"""
+import os
+import stat as _stat
+
+from . import paths as _p
+from .paths import SLURM_EXTERN_CONT
+
+
+class Job:
+    """A job with an extern step on this node.
+
+    job_id, uid (owner or None if unknown on v2), start_time (ctime of the extern stepd socket
+    = the job's start on this node), node, socket (path of the extern stepd socket),
+    extern_cgroups ({controller: step_extern dir} on v1, {"": step_extern dir} on v2),
+    job_cgroups (same, job level).
+    """
+
+    __slots__ = ("job_id", "uid", "start_time", "node", "socket", "extern_cgroups",
+                 "job_cgroups")
+
+    def __init__(self, job_id, uid, start_time, node, socket=None, extern_cgroups=None,
+                 job_cgroups=None):
+        self.job_id = job_id
+        self.uid = uid
+        self.start_time = start_time
+        self.node = node
+        self.socket = socket
+        self.extern_cgroups = extern_cgroups or {}
+        self.job_cgroups = job_cgroups or {}
+
+    def __repr__(self):
+        return (f"Job(job_id={self.job_id}, uid={self.uid}, start_time={self.start_time}, "
+                f"node={self.node!r}, extern_cgroups={self.extern_cgroups!r})")
+
+    def __eq__(self, other):
+        return isinstance(other, Job) and (self.job_id, self.node) == (other.job_id, other.node)
+
+    def __hash__(self):
+        return hash((self.job_id, self.node))
+
+
+class JobList(list):
+    """A list of :class:`Job` with ``problems``: admin-readable notes about extern stepd
+    sockets that could not be matched to a job cgroup (stale sockets, SLUID-named dirs)."""
+
+    def __init__(self, jobs=(), problems=()):
+        super().__init__(jobs)
+        self.problems = list(problems)
+
+
+def extern_sockets(spool_dir, node):
+    """``{job_id: (socket_path, ctime)}`` of the extern stepd sockets of ``node``
+    (``<node>_<job>.4294967292``) in ``spool_dir``. Non-sockets are ignored."""
+    out = {}
+    pre = node + "_"
+    try:
+        it = os.scandir(spool_dir)
+    except FileNotFoundError:
+        return out
+    with it:
+        for e in it:
+            name = e.name
+            if not name.startswith(pre) or not name.endswith(".4294967292"):
+                continue
+            parsed = _p.parse_stepd_socket_name(name, node)
+            if parsed is None or parsed[1] != SLURM_EXTERN_CONT or parsed[2] is not None:
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if _stat.S_ISSOCK(st.st_mode):
+                out[parsed[0]] = (e.path, st.st_ctime)
+    return out
+
+
+def _subdirs(path):
+    try:
+        with os.scandir(path) as it:
+            return [e.name for e in it if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _read_pids(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, OSError):
+        return []
+    return [int(x) for x in data.split()]
+
+
+def _real_uid(pid):
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, OSError):
+        return None
+    return None
+
+
+def v2_owner_from_tasks(job_dir):
+    """Owner of a v2 job from its non-extern task processes (see module docstring), or None."""
+    for step in _subdirs(job_dir) or ():
+        if not step.startswith("step_") or step == "step_extern":
+            continue
+        user = f"{job_dir}/{step}/user"
+        for task in _subdirs(user) or ():
+            if not task.startswith("task_") or task == "task_special":
+                continue
+            for pid in _read_pids(f"{user}/{task}/cgroup.procs"):
+                uid = _real_uid(pid)
+                if uid is not None:
+                    return uid
+    return None
+
+
+def list_jobs(layout, uid=None, *, owner_resolver=None):
+    """Jobs with an extern step on this node, newest first (see :func:`paths.newest`).
+
+    ``uid`` keeps only that user's jobs. Each job is cross-checked with the cgroup tree: an
+    extern stepd socket whose job has no ``step_extern`` cgroup is left out and explained in
+    ``JobList.problems``. Cost: one directory listing of the spool dir plus O(jobs) listings.
+    ``owner_resolver(layout, job_id) -> uid|None`` is consulted on v2 when the task processes
+    do not tell the owner.
+    """
+    socks = extern_sockets(layout.spool_dir, layout.nodename)
+    jobs, problems = [], []
+    if not socks:
+        return JobList()
+    node = layout.nodename
+    if layout.version == 1:
+        base = layout.v1_base(layout.track)
+        if uid is not None:
+            owners = {uid: _subdirs(f"{base}/uid_{uid}") or ()}
+        else:
+            owners = {}
+            for d in _subdirs(base) or ():
+                if d.startswith("uid_") and d[4:].isdigit():
+                    owners[int(d[4:])] = _subdirs(f"{base}/{d}") or ()
+        seen = set()
+        for u, jdirs in owners.items():
+            for d in jdirs:
+                if not d.startswith("job_") or not d[4:].isdigit():
+                    continue
+                jid = int(d[4:])
+                s = socks.get(jid)
+                if s is None:
+                    continue
+                if not os.path.isdir(f"{base}/uid_{u}/{d}/step_extern"):
+                    problems.append(f"job {jid}: extern stepd socket present but "
+                                    f"{base}/uid_{u}/{d}/step_extern does not exist")
+                    seen.add(jid)
+                    continue
+                seen.add(jid)
+                ext = {c: layout.v1_step_dir(c, u, jid) for c in layout.v1_mounts}
+                jc = {c: layout.v1_job_dir(c, u, jid) for c in layout.v1_mounts}
+                jobs.append(Job(jid, u, s[1], node, s[0], ext, jc))
+        if uid is None:
+            for jid in socks.keys() - seen:
+                problems.append(f"job {jid}: extern stepd socket {socks[jid][0]} has no job "
+                                f"cgroup under {base} (stale socket or job ending)")
+    else:
+        scope = layout.v2_scope_dir()
+        dirs = set(_subdirs(scope) or ())
+        sluids = sorted(d for d in dirs if _p.is_sluid(d))
+        for jid, (spath, ctime) in socks.items():
+            jdir = f"{scope}/job_{jid}"
+            if f"job_{jid}" not in dirs or not os.path.isdir(f"{jdir}/step_extern"):
+                if sluids:
+                    problems.append(
+                        f"job {jid}: no {jdir}/step_extern but {scope} holds SLUID-named job "
+                        f"directories ({', '.join(sluids[:3])}...): Slurm 26.05+ without "
+                        f"CgroupJobIdPaths=yes in cgroup.conf; set it so job ids can be mapped")
+                else:
+                    problems.append(f"job {jid}: extern stepd socket present but {jdir}/"
+                                    f"step_extern does not exist (stale socket or job ending)")
+                continue
+            owner = v2_owner_from_tasks(jdir)
+            if owner is None and owner_resolver is not None:
+                owner = owner_resolver(layout, jid)
+            if uid is not None and owner != uid:
+                continue
+            jobs.append(Job(jid, owner, ctime, node, spath, {"": f"{jdir}/step_extern"},
+                            {"": jdir}))
+    jobs.sort(key=lambda j: (j.start_time, j.job_id), reverse=True)
+    return JobList(jobs, problems)
+
+
+def user_jobs(layout, uid, **kw):
+    """The jobs of ``uid`` with an extern step on this node, newest first."""
+    return list_jobs(layout, uid, **kw)
+
+
+def job_of_pid(pid, node=None):
+    """The Slurm job (and step) of ``pid`` from /proc/PID/cgroup, or None.
+
+    Needs no layout. None when the pid does not exist (or vanished meanwhile) or is not in a
+    Slurm job cgroup. ``node`` restricts matches to that node's prefix (several slurmds on one
+    kernel). Returns a :class:`paths.JobRef`; ``job_id`` is None for SLUID-named job dirs.
+    """
+    try:
+        fd = os.open(f"/proc/{int(pid)}/cgroup", os.O_RDONLY)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    try:
+        data = os.read(fd, 65536)
+    except (ProcessLookupError, FileNotFoundError):
+        return None
+    finally:
+        os.close(fd)
+    if not data:
+        return None
+    return _p.job_from_proc_cgroup(data.decode("utf-8", "replace"), node)
+
+
+def iter_job_pids(layout):
+    """Yield the pids in this node's Slurm job cgroups (every ``cgroup.procs`` below the job
+    directories; v1: the tracking controller only). Pids may repeat across levels only if the
+    kernel lists them so; vanished directories are skipped."""
+    if layout.version == 1:
+        roots = [layout.v1_base(layout.track)]
+    else:
+        roots = [layout.v2_scope_dir()]
+    seen = set()
+    stack = list(roots)
+    while stack:
+        d = stack.pop()
+        for pid in _read_pids(f"{d}/cgroup.procs") if d not in roots else ():
+            if pid not in seen:
+                seen.add(pid)
+                yield pid
+        for sub in _subdirs(d) or ():
+            if layout.version == 2 and d in roots and not (sub.startswith("job_") or
+                                                           _p.is_sluid(sub)):
+                continue   # e.g. "system": stepds waiting for their job dir
+            stack.append(f"{d}/{sub}")
