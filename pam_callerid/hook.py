@@ -91,13 +91,6 @@ def user_uid(user):
         return None
 
 
-def node_name(opts, conf=None):
-    if opts.nodename:
-        return opts.nodename
-    n = getattr(conf, "node_name", None) if conf is not None else None
-    return n or os.uname().nodename.split(".")[0]
-
-
 def _norm_ip(ip):
     if ip.startswith("::ffff:") and "." in ip:
         return ip[7:]
@@ -160,20 +153,21 @@ def find_connection(ssh_connection=None):
 
 
 # ------------------------------------------------------------------------------ negative cache
-def negcache_hit(ip, now):
+def negcache_hit(key, now):
     try:
         with open(NEGCACHE_FILE) as f:
             for line in f:
                 parts = line.split()
-                if len(parts) == 2 and parts[0] == ip:
+                if len(parts) == 2 and parts[0] == key:
                     return float(parts[1]) > now
     except (OSError, ValueError):
         pass
     return False
 
 
-def negcache_add(ip, now, ttl=NEGCACHE_TTL):
-    """Remember (root-owned file, atomic rename) that ``ip`` had no reachable daemon."""
+def negcache_add(key, now, ttl=NEGCACHE_TTL):
+    """Remember (root-owned file, atomic rename) that ``key`` ("ip,port") had no reachable
+    daemon."""
     try:
         os.makedirs(NEGCACHE_DIR, mode=0o700, exist_ok=True)
         st = os.lstat(NEGCACHE_DIR)
@@ -184,11 +178,11 @@ def negcache_add(ip, now, ttl=NEGCACHE_TTL):
             with open(NEGCACHE_FILE) as f:
                 for line in f:
                     parts = line.split()
-                    if len(parts) == 2 and parts[0] != ip and float(parts[1]) > now:
+                    if len(parts) == 2 and parts[0] != key and float(parts[1]) > now:
                         keep.append(line if line.endswith("\n") else line + "\n")
         except (OSError, ValueError):
             pass
-        keep = keep[-255:] + ["%s %.3f\n" % (ip, now + ttl)]
+        keep = keep[-255:] + ["%s %.3f\n" % (key, now + ttl)]
         tmp = "%s.%d" % (NEGCACHE_FILE, os.getpid())
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
@@ -206,18 +200,19 @@ def negcache_add(ip, now, ttl=NEGCACHE_TTL):
 from . import backend  # noqa: E402  (small, itself lazy)
 
 
-def query_callerid(conn, opts, conf, uid, now, log):
+def query_callerid(ctx, conn, now):
     """Ask the caller-ID daemon at the connection's source; a typed policy.CallerId."""
     if conn is None:
         return policy.CallerId("no-connection", detail="no TCP connection on this PAM handle")
     src = "%s:%d" % (conn.src_ip, conn.src_port)
-    if negcache_hit(conn.src_ip, now):
+    key = "%s,%d" % (conn.src_ip, ctx.port)
+    if negcache_hit(key, now):
         return policy.CallerId("cached", source=src,
-                               detail="no caller-ID daemon at %s (cached)" % conn.src_ip)
-    out = backend.callerid(conn, opts, conf, log)
-    out.source = out.source or src
-    if out.status in ("unreachable", "timeout"):
-        negcache_add(conn.src_ip, now)
+                               detail="no caller-ID daemon at %s port %d (cached)"
+                                      % (conn.src_ip, ctx.port))
+    out = backend.callerid(ctx, conn)
+    if out.status == "unreachable" and ctx.negcache_ttl > 0:
+        negcache_add(key, now, ctx.negcache_ttl)
     return out
 
 
@@ -235,29 +230,34 @@ def audit_write(path, rec, log):
 # ------------------------------------------------------------------------------ phases
 def _decide(pam, opts, log, service, user, uid, rec):
     """Full decision with I/O. Fills ``rec`` (the audit record)."""
-    conf, conf_err = backend.load_config(opts)
-    if conf_err:
-        log("error", conf_err)
-    rec["node"] = node_name(opts, conf)
-    jobs, jobs_err = (None, conf_err) if conf_err else backend.user_jobs(uid, opts, conf)
+    ctx, err = backend.load_config(opts)
+    jobs = None
+    if err is None:
+        jobs, err = backend.user_jobs(ctx, uid)
+    rec["node"] = ctx.node_name
     rec["jobs"] = None if jobs is None else [j.id for j in jobs]
+    for p in ctx.problems:
+        log("verbose", p)
     cid = None
     if jobs is not None and policy.needs_rpc([j for j in jobs if j.uid in (None, uid)], opts):
         conn = find_connection(pam.getenv("SSH_CONNECTION"))
         if conn is not None:
             rec.update(conn.as_dict())
-        cid = query_callerid(conn, opts, conf, uid, time.time(), log)
+        cid = query_callerid(ctx, conn, time.time())
         rec["callerid"] = {k: v for k, v in cid.as_dict().items() if v is not None}
-    d = policy.decide(service, user, uid, jobs, opts, callerid=cid, jobs_error=jobs_err)
-    return d, conf
+        if cid.detail:
+            log("info" if cid.status in ("found", "unknown") else "error",
+                "caller-ID %s: %s" % (cid.status, cid.detail))
+    d = policy.decide(service, user, uid, jobs, opts, callerid=cid, jobs_error=err)
+    return d, ctx
 
 
-def _adopt(d, opts, conf, uid, log):
+def _adopt(d, opts, ctx, uid, log):
     """Adopt getpid() as decided; returns (decision, adopted pid or None)."""
     if d.code != "PAM_SUCCESS" or d.target is None:
         return d, None
     pid = os.getpid()
-    err = backend.adopt(pid, d, uid, opts, conf)
+    err = backend.adopt(ctx, pid, d, uid)
     if err is None:
         log("info", "Process %d adopted into %s" % (
             pid, "job %d" % d.job_id if d.target == "job" else "the user-level cgroup"))
@@ -306,8 +306,8 @@ def account(pam, opts, log, t0):
                        latency_ms=round((time.monotonic() - t0) * 1000, 3))
             audit_write(opts.audit, rec, log)
         return pre.code
-    d, conf = _decide(pam, opts, log, service, user, uid, rec)
-    d, adopted = _adopt(d, opts, conf, uid, log)
+    d, ctx = _decide(pam, opts, log, service, user, uid, rec)
+    d, adopted = _adopt(d, opts, ctx, uid, log)
     rec["adopted_pid"] = adopted
     pam.set_data(_serialize(d, os.getpid()))
     return _finish(pam, opts, log, d, rec, t0, "account")
@@ -318,31 +318,36 @@ def open_session(pam, opts, log, t0):
     uid = user_uid(user)
     pre = policy.pre_decide(service, user, uid, opts)
     if pre is not None:
-        return pre.code if pre.path != policy.NOUSER else "PAM_SESSION_ERR"
+        return pre.code
     rec = _record("session", service, user, uid, pam, opts)
     stash = _deserialize(pam.get_data() or "")
-    conf = None
     if stash is not None:
-        rec["node"] = node_name(opts)
         rec["stashed_from_pid"] = stash["pid"]
         if stash["code"] != "PAM_SUCCESS" or stash["target"] is None:
-            # account already answered (ignore / allow without adoption / deny)
+            # account already answered (ignore / allow without adoption / deny): nothing to do
             return stash["code"]
         job = None if stash["job"] is None else policy.Job(stash["job"], uid)
         d = policy.Decision(stash["path"], "PAM_SUCCESS", job=job, target=stash["target"],
                             reason="stashed")
-        conf, conf_err = backend.load_config(opts)
+        ctx, err = backend.load_config(opts)
+        rec["node"] = ctx.node_name
+        if err:
+            d, adopted = policy.on_adopt_failure(d, opts, err), None
+        else:
+            d, adopted = _adopt(d, opts, ctx, uid, log)
     else:
+        # account ran in another process (keyboard-interactive / password): decide again
         rec["redecided"] = True
-        d, conf = _decide(pam, opts, log, service, user, uid, rec)
-    d, adopted = _adopt(d, opts, conf, uid, log)
+        d, ctx = _decide(pam, opts, log, service, user, uid, rec)
+        d, adopted = _adopt(d, opts, ctx, uid, log)
     rec["adopted_pid"] = adopted
     # the info line was sent in the account phase (shown as a banner); only errors here
     return _finish(pam, opts, log, d, rec, t0, "session", show_info=stash is None)
 
 
 def _record(phase, service, user, uid, pam, opts):
-    return {"time": _isotime(), "ts": round(time.time(), 3), "phase": phase, "node": None,
+    return {"time": _isotime(), "ts": round(time.time(), 3), "phase": phase,
+            "node": opts.nodename or os.uname().nodename.split(".")[0],
             "service": service, "user": user, "uid": uid, "pid": os.getpid(),
             "rhost": pam.item(pam.lib.PAM_RHOST)}
 

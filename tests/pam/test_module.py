@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REPO, build_module, outcome, pamtester, stack
+from pamhelpers import REPO, _need_root, build_module, outcome, pamtester, stack
 
 pytestmark = pytest.mark.root
 
@@ -96,7 +96,6 @@ def test_authenticate_and_setcred_ignore(built_so, services, cid_user):
 @pytest.fixture(scope="module")
 def broken_so(tmp_path_factory):
     """A module built against a copy of the project whose hook raises in dispatch()."""
-    from conftest import _need_root
     _need_root()
     d = tmp_path_factory.mktemp("broken")
     os.chmod(d, 0o755)
@@ -112,7 +111,6 @@ def broken_so(tmp_path_factory):
 @pytest.fixture(scope="module")
 def noimport_so(tmp_path_factory):
     """A module whose project package cannot even be imported."""
-    from conftest import _need_root
     _need_root()
     d = tmp_path_factory.mktemp("noimport")
     os.chmod(d, 0o755)
