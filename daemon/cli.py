@@ -75,11 +75,11 @@ def cmd_daemon(args) -> int:
     except AuthError as e:
         _err(f"authentication setup failed ({cfg.auth_type}): {e}")
         return EXIT_BADKEY
-    from .jobs import CgroupJobs
+    from .jobs import make_jobs
     from .lookup import Lookup
     from .server import run
     import asyncio
-    jobs = CgroupJobs(cfg.cgroup_roots or None)
+    jobs = make_jobs(cfg, log)
     lookup = Lookup(jobs, sockdiag=cfg.sock_diag, scan_all=cfg.scan_all_processes)
     try:
         return asyncio.run(run(cfg, auth, lookup))

@@ -46,6 +46,7 @@ class Config:
     scan_all_processes: bool = True
     sock_diag: str = "netlink"
     cgroup_roots: list[str] = field(default_factory=list)
+    slurm_conf: str = "/etc/slurm/slurm.conf"
     max_connections: int = 256
     rate_limit: float = 50.0
     rate_burst: int = 100
@@ -101,6 +102,7 @@ _KEYS = {
     "scanallprocesses": ("scan_all_processes", _bool, lambda x: True),
     "sockdiag": ("sock_diag", lambda v: v.strip().lower(), lambda x: x in ("netlink", "pyroute2", "no")),
     "cgrouproots": ("cgroup_roots", _list, lambda x: True),
+    "slurmconf": ("slurm_conf", str, bool),
     "maxconnections": ("max_connections", int, _pos),
     "ratelimit": ("rate_limit", float, _pos),
     "rateburst": ("rate_burst", int, _pos),
@@ -117,7 +119,7 @@ KEY_NAMES = {
     "port": "Port", "listenaddresses": "ListenAddresses", "authtype": "AuthType",
     "keyfile": "KeyFile", "mungesocket": "MungeSocket", "mungettl": "MungeTTL",
     "slurmuser": "SlurmUser", "replyuser": "ReplyUser", "nodename": "NodeName",
-    "scanallprocesses": "ScanAllProcesses", "sockdiag": "SockDiag", "cgrouproots": "CgroupRoots",
+    "scanallprocesses": "ScanAllProcesses", "sockdiag": "SockDiag", "cgrouproots": "CgroupRoots", "slurmconf": "SlurmConf",
     "maxconnections": "MaxConnections", "ratelimit": "RateLimit", "rateburst": "RateBurst",
     "readtimeout": "ReadTimeout", "connectiontimeout": "ConnectionTimeout",
     "maxclockskew": "MaxClockSkew", "workers": "Workers", "loglevel": "LogLevel",

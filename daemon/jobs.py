@@ -1,16 +1,20 @@
 """pid <-> Slurm job, as the lookup needs it.
 
-Interface used by daemon.lookup (any object with these two methods works, tests use that):
+Interface used by daemon.lookup (any object with these two methods works; unit tests use that):
 
     job_pids() -> iterable of int        pids currently in Slurm job cgroups (may be stale)
     job_of_pid(pid) -> (job_id, job_uid) | None
 
-`CgroupJobs` reads /proc/PID/cgroup (a `job_<N>` path component names the job; `uid_<U>`, if
-present as in cgroup v1 layouts, names the owner, otherwise the process owner is used) and
-finds job pids from the `cgroup.procs` files below `job_<N>` directories under the configured
-cgroup roots.  The directory list is cached for `refresh` seconds; cgroup.procs is read fresh
-on every call.  When the project's `cgroups` package provides `job_of_pid` it is preferred for
-pid -> job (it knows every Slurm layout, including 26.05 SLUID directories).
+pid -> job goes through the project's `cgroups.job_of_pid` (every Slurm layout: v1
+`slurm[_<node>]/uid_<U>/job_<J>/...`, v2 `[<node>_]slurmstepd.scope/job_<J>/...`); without that
+package, a `job_<N>` path component.  The owner is `uid_<U>` of v1 paths, else the process's
+real uid (cgroup v2 paths carry no uid, the cgroups package resolves v2 owners the same way).
+Job dirs named by an opaque Slurm 26.05 SLUID (no numeric id) count as "not in a job".
+
+Job pids: `LayoutJobs` takes them from the layout the cgroups package discovers from
+slurm.conf/cgroup.conf (the default); `CgroupJobs` scans configured roots (CgroupRoots) for
+`job_<N>` directories, caching the directory list for `refresh` seconds and reading every
+`cgroup.procs` fresh on each call.
 """
 from __future__ import annotations
 
@@ -28,12 +32,12 @@ def default_roots() -> list[str]:
     base = "/sys/fs/cgroup"
     if os.path.exists(f"{base}/cgroup.controllers"):
         return [base]  # pure cgroup v2
-    roots = [f"{base}/{c}" for c in ("freezer", "unified", "cpuset") if os.path.isdir(f"{base}/{c}")]
-    return roots[:2] if roots else [base]
+    roots = [f"{base}/{c}" for c in ("freezer", "unified") if os.path.isdir(f"{base}/{c}")]
+    return roots or [base]
 
 
 def parse_proc_cgroup(text: str):
-    """-> (job_id, uid or None) from /proc/PID/cgroup text, or None."""
+    """Fallback parser: -> (job_id, uid or None) from /proc/PID/cgroup text, or None."""
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:
@@ -46,23 +50,33 @@ def parse_proc_cgroup(text: str):
     return None
 
 
+def real_uid(pid: int, proc: str = "/proc") -> int | None:
+    try:
+        with open(f"{proc}/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class CgroupJobs:
     def __init__(self, roots: list[str] | None = None, refresh: float = 2.0, max_depth: int = 8,
-                 proc: str = "/proc", use_cgroups_pkg: bool = True):
+                 proc: str = "/proc", use_cgroups_pkg: bool = True, node: str | None = None):
         self.roots = list(roots) if roots else default_roots()
         self.refresh = refresh
         self.max_depth = max_depth
         self.proc = proc
+        self.node = node
         self._lock = threading.Lock()
         self._dirs: list[str] = []
         self._stamp = 0.0
         self._pkg_job_of_pid = None
         if use_cgroups_pkg:
             try:
-                import cgroups  # noqa: F401
-                fn = getattr(cgroups, "job_of_pid", None)
-                if callable(fn):
-                    self._pkg_job_of_pid = fn
+                import cgroups
+                self._pkg_job_of_pid = cgroups.job_of_pid
             except Exception:
                 self._pkg_job_of_pid = None
 
@@ -121,12 +135,18 @@ class CgroupJobs:
     def job_of_pid(self, pid: int):
         if self._pkg_job_of_pid is not None:
             try:
-                info = self._pkg_job_of_pid(pid)
+                ref = self._pkg_job_of_pid(pid, self.node)
             except Exception:
-                info = None
-            got = _coerce_pkg_info(info)
-            if got is not None:
-                return got
+                ref = None
+            if ref is None:
+                return None
+            job = getattr(ref, "job_id", None)
+            if not isinstance(job, int):
+                return None  # SLUID-named job dir (Slurm 26.05+) without a numeric id
+            uid = getattr(ref, "uid", None)
+            if uid is None:
+                uid = real_uid(pid, self.proc)
+            return (job, uid) if uid is not None else None
         try:
             with open(f"{self.proc}/{pid}/cgroup") as f:
                 text = f.read()
@@ -137,24 +157,33 @@ class CgroupJobs:
             return None
         job, uid = r
         if uid is None:
-            try:
-                uid = os.stat(f"{self.proc}/{pid}").st_uid
-            except OSError:
-                return None
-        return job, uid
+            uid = real_uid(pid, self.proc)
+        return (job, uid) if uid is not None else None
 
 
-def _coerce_pkg_info(info):
-    """Accept what cgroups.job_of_pid returns: None, (job, uid) or an object/dict with fields."""
-    if info is None:
-        return None
-    if isinstance(info, tuple) and len(info) >= 2 and all(isinstance(x, int) for x in info[:2]):
-        return info[0], info[1]
-    get = info.get if isinstance(info, dict) else (lambda k, d=None: getattr(info, k, d))
-    job = get("job_id", None)
-    uid = get("uid", None)
-    if uid is None:
-        uid = get("user_id", None)
-    if isinstance(job, int) and isinstance(uid, int):
-        return job, uid
-    return None
+class LayoutJobs(CgroupJobs):
+    """Job pids from the node's discovered Slurm layout (cgroups.discover + iter_job_pids)."""
+
+    def __init__(self, layout, **kw):
+        super().__init__(roots=["/nonexistent"], node=getattr(layout, "nodename", None), **kw)
+        self.layout = layout
+
+    def job_pids(self):
+        import cgroups
+        return cgroups.iter_job_pids(self.layout)
+
+
+def make_jobs(cfg, log=None):
+    """The jobs source the config asks for: CgroupRoots (scan those trees for job_<N> dirs) or
+    the Slurm layout discovered from SlurmConf by the cgroups package, else default roots."""
+    if cfg.cgroup_roots:
+        return CgroupJobs(cfg.cgroup_roots)
+    try:
+        import cgroups
+        layout = cgroups.discover(cfg.slurm_conf, nodename=cfg.node_name)
+        return LayoutJobs(layout)
+    except Exception as e:
+        if log is not None:
+            log.warning("event=layout-discovery-failed error=%r fallback=scan roots=%s",
+                        str(e), ",".join(default_roots()))
+        return CgroupJobs(None)

@@ -126,7 +126,12 @@ class SockDiag:
     def find(self, proto: int, src, sport: int, dst, dport: int) -> SockInfo | None:
         for fam, lb, rb in _candidates(src, dst):
             try:
-                r = self._query(fam, proto, lb, sport, rb, dport)
+                if proto == P.PROTO_UDP:
+                    # udp_diag's exact lookup is a receive-path lookup: its "src" is the remote
+                    # end (measured on Linux 6.x); the answer is in socket perspective.
+                    r = self._query(fam, proto, rb, dport, lb, sport)
+                else:
+                    r = self._query(fam, proto, lb, sport, rb, dport)
             except OSError as e:
                 if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT, errno.EAFNOSUPPORT):
                     continue
@@ -168,10 +173,14 @@ class Pyroute2Diag:
             req["sdiag_family"] = _af(fam)
             req["sdiag_protocol"] = proto
             req["idiag_states"] = TCPF_ALL
-            req["idiag_sport"] = sport
-            req["idiag_dport"] = dport
-            req["idiag_src"] = struct.unpack(">4I", lb)
-            req["idiag_dst"] = struct.unpack(">4I", rb)
+            if proto == P.PROTO_UDP:  # receive-path lookup, see SockDiag.find
+                lb_, rb_, sp_, dp_ = rb, lb, dport, sport
+            else:
+                lb_, rb_, sp_, dp_ = lb, rb, sport, dport
+            req["idiag_sport"] = sp_
+            req["idiag_dport"] = dp_
+            req["idiag_src"] = struct.unpack(">4I", lb_)
+            req["idiag_dst"] = struct.unpack(">4I", rb_)
             req["idiag_if"] = 0
             req["idiag_cookie"] = 0xFFFFFFFFFFFFFFFF
             try:

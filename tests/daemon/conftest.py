@@ -167,8 +167,11 @@ class JobCgroups:
         self.root = Path(UNIFIED) / f"cidtest-{os.getpid()}-{int(time.time() * 1000) % 100000}"
         self.dirs: list[Path] = []
 
-    def make(self, job: int, uid: int, step: str = "step_extern") -> Path:
-        d = self.root / "slurm_cidt" / f"uid_{uid}" / f"job_{job}" / step
+    def make(self, job: int, step: str = "step_extern") -> Path:
+        """Slurm's cgroup/v2 layout (multiple-slurmd naming), below our private root:
+        <root>/system.slice/cidt_slurmstepd.scope/job_<J>/<step>/user/task_special.
+        The job owner is the real uid of its processes (as on v2)."""
+        d = self.root / "system.slice" / "cidt_slurmstepd.scope" / f"job_{job}" / step / "user" / "task_special"
         # create parents one by one to remember them for cleanup
         p = Path(UNIFIED)
         for part in d.relative_to(UNIFIED).parts:

@@ -93,13 +93,15 @@ def _setup(e, d, netpair, jobcg, munged, mprocs):
         _wait_log(log, "event=listening", proc=p)
         e.logs[name] = log
     # job cgroups
-    e.job_cg = jobcg.make(JOB, JOB_UID)
-    e.nobody_cg = jobcg.make(NOBODY_JOB, NOBODY)
+    e.job_cg = jobcg.make(JOB)
+    e.nobody_cg = jobcg.make(NOBODY_JOB)
     yield e
 
 
-def hold(env, kind, host, cg=None):
-    p = env.procs.start(env.net.cmd(env.net.a, [PY, HELPER, "hold", kind, host, str(SVC_PORT)]))
+def hold(env, kind, host, cg=None, user=None):
+    if user is None and cg is not None:
+        user = NOBODY if cg == env.nobody_cg else JOB_UID
+    p = env.procs.start(env.net.cmd(env.net.a, [PY, HELPER, "hold", kind, host, str(SVC_PORT)], user=user))
     _, ip, port = _readline(p, "LOCAL")
     if cg is not None:
         env.cg.add(cg, p.pid)
@@ -219,3 +221,12 @@ def test_daemon_sigterm_clean_exit(env, procs):
     p.terminate()
     assert p.wait(5) == 0
     assert "event=stopped" in Path(log).read_text()
+
+
+def test_daemon_used_sockdiag_and_job_cgroups_first(env):
+    _, ip, port = hold(env, "tcp", env.net.B4, env.job_cg)
+    rc, out = query(env, ep(ip, port), ep(env.net.B4, SVC_PORT))
+    assert rc == 0, out
+    text = Path(env.logs["munge"]).read_text()
+    line = [l for l in text.splitlines() if f"{ip}:{port}" in l and "event=answer" in l][-1]
+    assert "via=sockdiag" in line and "stage=job" in line and "status=found" in line, line
