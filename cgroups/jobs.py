@@ -28,25 +28,50 @@ class Job:
     job_id, uid (owner or None if unknown on v2), start_time (ctime of the extern stepd socket
     = the job's start on this node), node, socket (path of the extern stepd socket),
     extern_cgroups ({controller: step_extern dir} on v1, {"": step_extern dir} on v2),
-    job_cgroups (same, job level).
+    job_cgroups (same, job level); both computed on first access from ``layout``.
     """
 
-    __slots__ = ("job_id", "uid", "start_time", "node", "socket", "extern_cgroups",
-                 "job_cgroups")
+    __slots__ = ("job_id", "uid", "start_time", "node", "socket", "layout", "_ext", "_jc")
 
     def __init__(self, job_id, uid, start_time, node, socket=None, extern_cgroups=None,
-                 job_cgroups=None):
+                 job_cgroups=None, layout=None):
         self.job_id = job_id
         self.uid = uid
         self.start_time = start_time
         self.node = node
         self.socket = socket
-        self.extern_cgroups = extern_cgroups or {}
-        self.job_cgroups = job_cgroups or {}
+        self.layout = layout
+        self._ext = extern_cgroups
+        self._jc = job_cgroups
+
+    def _paths(self, step):
+        L = self.layout
+        if L is None:
+            return {}
+        if L.version == 1:
+            if self.uid is None:
+                return {}
+            if step:
+                return {c: L.v1_step_dir(c, self.uid, self.job_id) for c in L.v1_mounts}
+            return {c: L.v1_job_dir(c, self.uid, self.job_id) for c in L.v1_mounts}
+        jd = L.v2_job_dir(self.job_id)
+        return {"": f"{jd}/step_extern" if step else jd}
+
+    @property
+    def extern_cgroups(self):
+        if self._ext is None:
+            self._ext = self._paths(True)
+        return self._ext
+
+    @property
+    def job_cgroups(self):
+        if self._jc is None:
+            self._jc = self._paths(False)
+        return self._jc
 
     def __repr__(self):
         return (f"Job(job_id={self.job_id}, uid={self.uid}, start_time={self.start_time}, "
-                f"node={self.node!r}, extern_cgroups={self.extern_cgroups!r})")
+                f"node={self.node!r})")
 
     def __eq__(self, other):
         return isinstance(other, Job) and (self.job_id, self.node) == (other.job_id, other.node)
@@ -64,9 +89,8 @@ class JobList(list):
         self.problems = list(problems)
 
 
-def extern_sockets(spool_dir, node):
-    """``{job_id: (socket_path, ctime)}`` of the extern stepd sockets of ``node``
-    (``<node>_<job>.4294967292``) in ``spool_dir``. Non-sockets are ignored."""
+def extern_socket_names(spool_dir, node):
+    """``{job_id: socket_path}`` of names like ``<node>_<job>.4294967292`` (no stat calls)."""
     out = {}
     pre = node + "_"
     try:
@@ -81,12 +105,27 @@ def extern_sockets(spool_dir, node):
             parsed = _p.parse_stepd_socket_name(name, node)
             if parsed is None or parsed[1] != SLURM_EXTERN_CONT or parsed[2] is not None:
                 continue
-            try:
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if _stat.S_ISSOCK(st.st_mode):
-                out[parsed[0]] = (e.path, st.st_ctime)
+            out[parsed[0]] = e.path
+    return out
+
+
+def _socket_ctime(path):
+    """ctime of a unix socket file, or None if it vanished or is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ctime if _stat.S_ISSOCK(st.st_mode) else None
+
+
+def extern_sockets(spool_dir, node):
+    """``{job_id: (socket_path, ctime)}`` of the extern stepd sockets of ``node``
+    (``<node>_<job>.4294967292``) in ``spool_dir``. Non-sockets are ignored."""
+    out = {}
+    for jid, path in extern_socket_names(spool_dir, node).items():
+        ct = _socket_ctime(path)
+        if ct is not None:
+            out[jid] = (path, ct)
     return out
 
 
@@ -143,47 +182,47 @@ def list_jobs(layout, uid=None, *, owner_resolver=None):
     ``owner_resolver(layout, job_id) -> uid|None`` is consulted on v2 when the task processes
     do not tell the owner.
     """
-    socks = extern_sockets(layout.spool_dir, layout.nodename)
+    socks = extern_socket_names(layout.spool_dir, layout.nodename)
     jobs, problems = [], []
     if not socks:
         return JobList()
     node = layout.nodename
     if layout.version == 1:
+        # Cross-check: the job directory must exist under uid_<U> in the tracking
+        # controller (slurmstepd creates job_<J> and its step_extern together; a missing
+        # step_extern is reported as JobGone by adopt()). One listing per user, no per-job stat
+        # besides the socket's.
         base = layout.v1_base(layout.track)
         if uid is not None:
             owners = {uid: _subdirs(f"{base}/uid_{uid}") or ()}
         else:
             owners = {}
             for d in _subdirs(base) or ():
-                if d.startswith("uid_") and d[4:].isdigit():
+                if d.startswith("uid_") and _p._dec(d[4:]):
                     owners[int(d[4:])] = _subdirs(f"{base}/{d}") or ()
         seen = set()
         for u, jdirs in owners.items():
             for d in jdirs:
-                if not d.startswith("job_") or not d[4:].isdigit():
+                if not d.startswith("job_") or not _p._dec(d[4:]):
                     continue
                 jid = int(d[4:])
-                s = socks.get(jid)
-                if s is None:
-                    continue
-                if not os.path.isdir(f"{base}/uid_{u}/{d}/step_extern"):
-                    problems.append(f"job {jid}: extern stepd socket present but "
-                                    f"{base}/uid_{u}/{d}/step_extern does not exist")
-                    seen.add(jid)
+                spath = socks.get(jid)
+                if spath is None:
                     continue
                 seen.add(jid)
-                ext = {c: layout.v1_step_dir(c, u, jid) for c in layout.v1_mounts}
-                jc = {c: layout.v1_job_dir(c, u, jid) for c in layout.v1_mounts}
-                jobs.append(Job(jid, u, s[1], node, s[0], ext, jc))
+                ctime = _socket_ctime(spath)
+                if ctime is None:
+                    continue                      # the job ended meanwhile
+                jobs.append(Job(jid, u, ctime, node, spath, layout=layout))
         if uid is None:
             for jid in socks.keys() - seen:
-                problems.append(f"job {jid}: extern stepd socket {socks[jid][0]} has no job "
+                problems.append(f"job {jid}: extern stepd socket {socks[jid]} has no job "
                                 f"cgroup under {base} (stale socket or job ending)")
     else:
         scope = layout.v2_scope_dir()
         dirs = set(_subdirs(scope) or ())
         sluids = sorted(d for d in dirs if _p.is_sluid(d))
-        for jid, (spath, ctime) in socks.items():
+        for jid, spath in socks.items():
             jdir = f"{scope}/job_{jid}"
             if f"job_{jid}" not in dirs or not os.path.isdir(f"{jdir}/step_extern"):
                 if sluids:
@@ -200,8 +239,10 @@ def list_jobs(layout, uid=None, *, owner_resolver=None):
                 owner = owner_resolver(layout, jid)
             if uid is not None and owner != uid:
                 continue
-            jobs.append(Job(jid, owner, ctime, node, spath, {"": f"{jdir}/step_extern"},
-                            {"": jdir}))
+            ctime = _socket_ctime(spath)
+            if ctime is None:
+                continue
+            jobs.append(Job(jid, owner, ctime, node, spath, layout=layout))
     jobs.sort(key=lambda j: (j.start_time, j.job_id), reverse=True)
     return JobList(jobs, problems)
 
