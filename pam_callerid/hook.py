@@ -24,6 +24,7 @@ DATA_KEY = b"pam_callerid.decision"
 NEGCACHE_DIR = "/run/pam_callerid"
 NEGCACHE_FILE = NEGCACHE_DIR + "/unreachable"
 NEGCACHE_TTL = 60.0
+_first_call = True
 _LOG_PRIO = {"error": 3, "warning": 4, "info": 6, "verbose": 6, "debug": 7}
 _LOG_LEVEL = {"error": 2, "warning": 2, "info": 3, "verbose": 4, "debug": 5}
 
@@ -298,6 +299,10 @@ def account(pam, opts, log, t0):
     service, user = pam.item(pam.lib.PAM_SERVICE), pam.item(pam.lib.PAM_USER)
     uid = user_uid(user)
     rec = _record("account", service, user, uid, pam, opts)
+    global _first_call
+    if _first_call:
+        _first_call = False
+        rec["py_init_ms"] = round(pam.lib.cid_init_ms(), 3)   # this process's interpreter start
     pre = policy.pre_decide(service, user, uid, opts)
     if pre is not None:
         log.many(pre.logs)
