@@ -8,7 +8,8 @@ remote end is the request's destination.
    socket), falling back to parsing /proc/net/{tcp,udp}{,6}.  IPv4 tuples are also tried as
    IPv4-mapped IPv6 (a dual-stack AF_INET6 socket talking IPv4).
 2. pid holding the inode: pids in Slurm job cgroups first, then processes of the socket's
-   owner uid, then (if configured) every process.  Processes vanishing mid-scan are skipped.
+   owner uid, then (if configured) every process; in the last two stages only processes
+   that are in a job get their fds scanned.  Processes vanishing mid-scan are skipped.
 3. pid -> job through daemon.jobs (cgroups/ package).
 """
 from __future__ import annotations
@@ -315,7 +316,7 @@ class LookupResult:
     pid: int | None = None
     sock: SockInfo | None = None
     stage: str = ""            # where the pid was found: "job", "uid", "all"
-    why: str = ""              # for unknown: "no-socket", "no-process", "not-in-job"
+    why: str = ""              # for unknown: "no-socket" or "not-in-job" (no process in a job holds it)
     elapsed_ms: float = 0.0
 
 
@@ -359,6 +360,14 @@ class Lookup:
         return procnet_find(proto, src, sport, dst, dport, root=f"{self.proc}/self/net")
 
     def find_pid(self, inode: int, uid: int):
+        """-> (pid, stage, job) where job = (job_id, job_uid); (None, "", None) if no process
+        in a Slurm job holds the inode.
+
+        Stage "job": pids listed in the job cgroups.  Stages "uid" (processes of the socket's
+        owner) and "all" (every process, if ScanAllProcesses) catch job processes the listing
+        missed (a job that appeared after the cached directory scan, an unexpected layout):
+        there a pid's cgroup is checked *before* its fds, so processes outside jobs, which
+        can never make the answer "found", cost one small read instead of an fd scan."""
         target = f"socket:[{inode}]"
         seen = set()
         for pid in self.jobs.job_pids():
@@ -366,21 +375,23 @@ class Lookup:
                 continue
             seen.add(pid)
             if pid_has_inode(pid, target, self.proc):
-                return pid, "job"
+                job = self.jobs.job_of_pid(pid)
+                if job is not None:
+                    return pid, "job", job
+        stages = []
         if uid >= 0:
-            for pid in pids_of_uid(uid, self.proc):
+            stages.append(("uid", pids_of_uid(uid, self.proc)))
+        if self.scan_all:
+            stages.append(("all", all_pids(self.proc)))
+        for stage, pids in stages:
+            for pid in pids:
                 if pid in seen:
                     continue
                 seen.add(pid)
-                if pid_has_inode(pid, target, self.proc):
-                    return pid, "uid"
-        if self.scan_all:
-            for pid in all_pids(self.proc):
-                if pid in seen:
-                    continue
-                if pid_has_inode(pid, target, self.proc):
-                    return pid, "all"
-        return None, ""
+                job = self.jobs.job_of_pid(pid)
+                if job is not None and pid_has_inode(pid, target, self.proc):
+                    return pid, stage, job
+        return None, "", None
 
     def lookup(self, req: P.Request) -> LookupResult:
         t0 = time.perf_counter()
@@ -388,14 +399,9 @@ class Lookup:
         if info is None:
             return LookupResult(P.STATUS_UNKNOWN, why="no-socket",
                                 elapsed_ms=(time.perf_counter() - t0) * 1e3)
-        pid, stage = self.find_pid(info.inode, info.uid)
-        if pid is None:
-            return LookupResult(P.STATUS_UNKNOWN, sock=info, why="no-process",
-                                elapsed_ms=(time.perf_counter() - t0) * 1e3)
-        job = self.jobs.job_of_pid(pid)
+        pid, stage, job = self.find_pid(info.inode, info.uid)
         el = (time.perf_counter() - t0) * 1e3
-        if job is None:
-            return LookupResult(P.STATUS_UNKNOWN, pid=pid, sock=info, stage=stage,
-                                why="not-in-job", elapsed_ms=el)
+        if pid is None:
+            return LookupResult(P.STATUS_UNKNOWN, sock=info, why="not-in-job", elapsed_ms=el)
         job_id, job_uid = job
         return LookupResult(P.STATUS_FOUND, job_id, job_uid, pid, info, stage, elapsed_ms=el)

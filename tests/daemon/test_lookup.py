@@ -126,7 +126,7 @@ def test_lookup_stages_and_vanished_pids(tcp_pair):
     assert r.status == P.STATUS_FOUND and r.stage == "uid"
     lk = Lookup(FakeJobs([], {}))
     r = lk.lookup(req)
-    assert r.status == P.STATUS_UNKNOWN and r.why == "not-in-job" and r.pid == os.getpid()
+    assert r.status == P.STATUS_UNKNOWN and r.why == "not-in-job" and r.pid is None
     r = lk.lookup(P.Request.make(ca, 1, sa, sp))
     assert r.status == P.STATUS_UNKNOWN and r.why == "no-socket"
     assert not pid_has_inode(gone, "socket:[1]")
@@ -135,10 +135,21 @@ def test_lookup_stages_and_vanished_pids(tcp_pair):
 def test_lookup_without_scan_all_uses_uid_only(tcp_pair):
     cli, _ = tcp_pair(socket.AF_INET, "127.0.0.1")
     (ca, cp), (sa, sp) = cli.getsockname(), cli.getpeername()
-    lk = Lookup(FakeJobs([], {}), scan_all=False, sockdiag="no")
+    lk = Lookup(FakeJobs([], {os.getpid(): (5, 0)}), scan_all=False, sockdiag="no")
     assert lk.sock_backend == "procnet"
     r = lk.lookup(P.Request.make(ca, cp, sa, sp))
-    assert r.pid == os.getpid() and r.sock.via == "procnet"
+    assert r.pid == os.getpid() and r.sock.via == "procnet" and r.stage == "uid"
+
+
+def test_scan_all_stage_for_other_owner(tcp_pair):
+    cli, _ = tcp_pair(socket.AF_INET, "127.0.0.1")
+    (ca, cp), (sa, sp) = cli.getsockname(), cli.getpeername()
+    jobs = FakeJobs([], {os.getpid(): (5, 0)})
+    lk = Lookup(jobs, scan_all=True)
+    # pretend the socket belongs to another uid: only the "all" stage can find it
+    r = lk.find_pid(os.fstat(cli.fileno()).st_ino, 54321)
+    assert r == (os.getpid(), "all", (5, 0))
+    assert Lookup(jobs, scan_all=False).find_pid(os.fstat(cli.fileno()).st_ino, 54321)[0] is None
 
 
 def test_parse_proc_cgroup_fallback():
