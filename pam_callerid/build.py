@@ -56,6 +56,7 @@ int pam_prompt(pam_handle_t *pamh, int style, char **response, const char *fmt, 
 #define PAM_TEXT_INFO ...
 #define PAM_ERROR_MSG ...
 
+void free(void *ptr);
 int cid_set_data(pam_handle_t *pamh, const char *name, const char *value);
 const char *cid_get_data(pam_handle_t *pamh, const char *name);
 void cid_syslog(int prio, const char *msg);

@@ -55,8 +55,8 @@ class Pam:
         style = self.lib.PAM_ERROR_MSG if error else self.lib.PAM_TEXT_INFO
         resp = self.ffi.new("char **")
         self.lib.pam_prompt(self.h, style, resp, b"%s", self.ffi.new("char[]", text.encode()))
-        if resp[0] != self.ffi.NULL:        # a conversation may return a response: ignore it
-            self.ffi.gc(resp[0], None)
+        if resp[0] != self.ffi.NULL:        # a conversation may return a response: drop it
+            self.lib.free(resp[0])
 
     def set_data(self, value):
         return self.lib.cid_set_data(self.h, DATA_KEY, value.encode())
@@ -231,10 +231,15 @@ def audit_write(path, rec, log):
 # ------------------------------------------------------------------------------ phases
 def _decide(pam, opts, log, service, user, uid, rec):
     """Full decision with I/O. Fills ``rec`` (the audit record)."""
+    t = time.monotonic()
     ctx, err = backend.load_config(opts)
     jobs = None
+    t_conf = time.monotonic()
     if err is None:
         jobs, err = backend.user_jobs(ctx, uid)
+    t_jobs = time.monotonic()
+    rec["ms"] = {"config": round((t_conf - t) * 1000, 3),
+                 "jobs": round((t_jobs - t_conf) * 1000, 3)}
     rec["node"] = ctx.node_name
     rec["jobs"] = None if jobs is None else [j.id for j in jobs]
     for p in ctx.problems:
@@ -244,7 +249,9 @@ def _decide(pam, opts, log, service, user, uid, rec):
         conn = find_connection(pam.getenv("SSH_CONNECTION"))
         if conn is not None:
             rec.update(conn.as_dict())
+        t = time.monotonic()
         cid = query_callerid(ctx, conn, time.time())
+        rec["ms"]["callerid"] = round((time.monotonic() - t) * 1000, 3)
         rec["callerid"] = {k: v for k, v in cid.as_dict().items() if v is not None}
         if cid.detail:
             log("info" if cid.status in ("found", "unknown") else "error",
@@ -258,7 +265,10 @@ def _adopt(d, opts, ctx, uid, log):
     if d.code != "PAM_SUCCESS" or d.target is None:
         return d, None
     pid = os.getpid()
+    t = time.monotonic()
     err = backend.adopt(ctx, pid, d, uid)
+    ms = round((time.monotonic() - t) * 1000, 3)
+    log("debug", "adoption took %.3f ms" % ms)
     if err is None:
         log("info", "Process %d adopted into %s" % (
             pid, "job %d" % d.job_id if d.target == "job" else "the user-level cgroup"))

@@ -95,13 +95,13 @@ def slurm(tmp_path):
 class FakeDaemon:
     """Answers caller-ID requests on 127.0.0.1 as told by ``mode``."""
 
-    def __init__(self, key_path):
+    def __init__(self, key_path, host="127.0.0.1", port=0):
         from daemon.auth import HmacAuth
         self.auth = HmacAuth.from_file(str(key_path))
         self.mode = ("unknown",)
         self.requests = []
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.lsock.bind((host, port))
         self.lsock.listen(16)
         self.port = self.lsock.getsockname()[1]
         self.stop = False
@@ -164,12 +164,14 @@ def fake_daemon(slurm):
     d.close()
 
 
-def pamtester_conn(service, user, *ops, timeout=30):
-    """pamtester holding the server side of a TCP connection on 127.0.0.1 (like sshd)."""
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
+def pamtester_conn(service, user, *ops, timeout=30, listen="127.0.0.1", connect=None):
+    """pamtester holding the server side of a TCP connection (like sshd's [priv])."""
+    lst = socket.socket(socket.AF_INET6 if ":" in listen else socket.AF_INET)
+    if ":" in listen:
+        lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)   # dual-stack
+    lst.bind((listen, 0))
     lst.listen(1)
-    cli = socket.create_connection(lst.getsockname())
+    cli = socket.create_connection((connect or listen, lst.getsockname()[1]))
     srv, _ = lst.accept()
     try:
         t0 = time.monotonic()
@@ -307,6 +309,34 @@ def test_untrusted_or_useless_answers_fall_back_to_newest(env, two_jobs, cid_use
     assert (rec["path"], rec["job"]) == ("newest", new), rec
     if mode in ("forged", "wrongnonce"):
         assert rec["callerid"]["status"] == "error" and not rec["callerid"]["authenticated"]
+
+
+def test_ipv6_connection(env, two_jobs, cid_user, slurm):
+    old, new = two_jobs
+    d = FakeDaemon(slurm.key, host="::1")
+    try:
+        d.mode = ("found", old, cid_user[1])
+        svc, audit = env(port=d.port)
+        rc, out, el, cli, srv = pamtester_conn(svc, cid_user[0], "acct_mgmt", listen="::1")
+        assert rc == 0, out
+        rec = audit_of(audit)[-1]
+        assert (rec["path"], rec["job"], rec["src_ip"]) == ("caller-ID", old, "::1")
+        assert str(d.requests[-1].src) == "::1" and d.requests[-1].src_port == cli[1]
+    finally:
+        d.close()
+
+
+def test_ipv4_mapped_connection_is_normalised(env, two_jobs, cid_user, fake_daemon):
+    """sshd on a dual-stack socket sees ::ffff:127.0.0.1; the daemon is asked in IPv4."""
+    old, new = two_jobs
+    fake_daemon.mode = ("found", old, cid_user[1])
+    svc, audit = env(port=fake_daemon.port)
+    rc, out, el, cli, srv = pamtester_conn(svc, cid_user[0], "acct_mgmt", listen="::",
+                                           connect="127.0.0.1")
+    assert rc == 0, out
+    rec = audit_of(audit)[-1]
+    assert (rec["path"], rec["job"], rec["src_ip"]) == ("caller-ID", old, "127.0.0.1")
+    assert str(fake_daemon.requests[-1].src) == "127.0.0.1"
 
 
 def test_no_connection_newest(env, two_jobs, cid_user):
