@@ -1,5 +1,6 @@
 """The built pam_callerid.so through real libpam (pamtester), without Slurm jobs."""
 import json
+import sys
 import os
 import shutil
 import subprocess
@@ -197,3 +198,44 @@ def test_messages_and_quiet(built_so, services, cid_user):
                                         "audit=none"))
     rc, out = pamtester(svc, cid_user[0], "acct_mgmt")
     assert "No Slurm jobs found on node." in out
+
+
+def test_syslog_authpriv_ident(built_so, services, cid_user, tmp_path):
+    """Log lines go to /dev/log with facility authpriv and ident pam_callerid. The machine has
+    no /dev/log: a private mount namespace gets a tmpfs /dev with our own listener."""
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare")
+    svc = services.make(stack(built_so, "config=/nonexistent action_generic_failure=deny "
+                                        "frobnicate=1 audit=none"))
+    got = tmp_path / "syslog.txt"
+    listener = tmp_path / "listen.py"
+    listener.write_text(
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        "s.bind('/dev/log')\n"
+        "open(sys.argv[1] + '.ready', 'w').close()\n"
+        "s.settimeout(3)\n"
+        "with open(sys.argv[1], 'w') as f:\n"
+        "    try:\n"
+        "        while True:\n"
+        "            f.write(s.recv(4096).decode() + '\\n'); f.flush()\n"
+        "    except OSError:\n"
+        "        pass\n")
+    script = ("mount -t tmpfs none /dev && mknod -m 666 /dev/null c 1 3 && "
+              "(%s %s %s >/dev/null 2>&1 &) && for i in $(seq 50); do [ -e %s.ready ] && break; sleep 0.05; "
+              "done && pamtester %s %s acct_mgmt; sleep 0.2"
+              % (sys.executable, listener, got, got, svc, cid_user[0]))
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=30)
+    assert "Permission denied" in r.stdout + r.stderr, r.stdout + r.stderr
+    for _ in range(80):
+        text = got.read_text() if got.exists() else ""
+        if "cannot list the jobs" in text:
+            break
+        time.sleep(0.05)
+    lines = [ln for ln in text.splitlines() if ln]
+    assert lines, r.stdout + r.stderr
+    # <PRI> = authpriv(10)*8 + severity; ident pam_callerid[pid]
+    assert all(ln.startswith("<8") and " pam_callerid[" in ln for ln in lines), lines
+    assert any("ignoring unrecognized option 'frobnicate=1'" in ln for ln in lines), lines
+    assert any(ln.startswith("<83>") and "cannot list the jobs" in ln for ln in lines), lines
