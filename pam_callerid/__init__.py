@@ -2,4 +2,25 @@
 
 Owns: the shim build, option parsing (pam_slurm_adopt-compatible), the account-phase decision,
 session-phase adoption, audit records. Imports: cgroups, daemon (client side only).
+
+Build and install (as root, with the project's venv built from Debian's /usr/bin/python3)::
+
+    /opt/slurm-callerid/bin/python -m pam_callerid.build --venv /opt/slurm-callerid \\
+        --out build/pam --install            # -> /lib/x86_64-linux-gnu/security/pam_callerid.so
+    # --install-dir DIR installs elsewhere (tests use an absolute path in their PAM files)
+
+PAM lines (sshd's stack; decide in account, adopt in session)::
+
+    account  required  pam_callerid.so action_adopt_failure=deny action_generic_failure=deny
+    session  required  pam_callerid.so action_adopt_failure=deny
+
+Module arguments (prefix match, case-insensitive, as pam_slurm_adopt; see options.py):
+action_no_jobs=deny|ignore, action_unknown=newest|allow|deny|user,
+action_adopt_failure=allow|deny, action_generic_failure=ignore|allow|deny, disable_x11=0|1,
+ignore_root=0|1, join_container=true|false, log_level=quiet..debug5, nodename=NAME,
+service=NAME|*, single_job_skip_rpc=0|1; ours: rpc_timeout=SECONDS (1.0), port=N,
+config=PATH (/etc/slurm/callerid.conf), audit=PATH|none, quiet, onerror=fail|ignore.
+
+Modules: build (the .so), options + policy (pure), hook (I/O edge called by the shim),
+backend (adapters to cgroups/ and daemon/), audit (records + ``callerid audit`` reader).
 """

@@ -123,7 +123,7 @@ def matches(rec, job=None, user=None, node=None, since=None, phase=None):
     return True
 
 
-_COLUMNS = (("time", 23), ("node", 10), ("user", 10), ("phase", 7), ("source", 21),
+_COLUMNS = (("time", 24), ("node", 10), ("user", 10), ("phase", 7), ("source", 21),
             ("jobs", 14), ("callerid", 14), ("path", 9), ("job", 7), ("result", 15),
             ("ms", 7))
 

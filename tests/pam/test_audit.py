@@ -1,0 +1,118 @@
+"""pam_callerid.audit: encoding (no json import at login), atomic append, the reader CLI."""
+import json
+import os
+import threading
+
+import pytest
+from hypothesis import given, strategies as st
+
+from pam_callerid import audit
+
+REC = {"time": "2026-11-21T10:00:00.000Z", "ts": 1795255200.0, "phase": "account",
+       "node": "node2", "service": "sshd", "user": "alice", "uid": 2001, "pid": 77,
+       "src_ip": "10.199.0.1", "src_port": 40000, "jobs": [16, 17],
+       "callerid": {"status": "found", "job": 16, "authenticated": True},
+       "path": "caller-ID", "job": 16, "target": "job", "result": "PAM_SUCCESS",
+       "latency_ms": 3.5}
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.text(max_size=30)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=12)
+
+
+@given(st.dictionaries(st.text(max_size=10), json_values, max_size=8))
+def test_encode_is_json_one_line(rec):
+    line = audit.encode(rec)
+    assert line.endswith("\n") and "\n" not in line[:-1]
+    assert json.loads(line) == rec
+
+
+def test_encode_odd_values():
+    assert json.loads(audit.encode({"a": float("nan"), "b": (1, 2), "c": object}))["a"] is None
+
+
+def test_append_and_read(tmp_path):
+    p = tmp_path / "sub" / "audit.jsonl"
+    audit.append(str(p), REC)
+    audit.append(str(p), dict(REC, user="bob", job=17, node="node3", ts=REC["ts"] + 100))
+    assert oct(os.stat(p).st_mode & 0o777) == oct(0o640)
+    recs = list(audit.read(str(p)))
+    assert [r["user"] for r in recs] == ["alice", "bob"]
+
+
+def test_append_is_single_write_under_concurrency(tmp_path):
+    p = str(tmp_path / "a.jsonl")
+    big = dict(REC, pad="x" * 3000)
+
+    def w():
+        for _ in range(200):
+            audit.append(p, big)
+    ts = [threading.Thread(target=w) for _ in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    with open(p) as f:
+        lines = f.readlines()
+    assert len(lines) == 1200 and all(json.loads(x)["pad"] == "x" * 3000 for x in lines)
+
+
+def test_oversized_record_is_slimmed(tmp_path):
+    p = str(tmp_path / "a.jsonl")
+    audit.append(p, dict(REC, huge="y" * (audit.MAX_LINE + 10)))
+    r = list(audit.read(p))[0]
+    assert r["truncated"] is True and "huge" not in r and r["user"] == "alice"
+
+
+def test_append_refuses_symlink(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(OSError):
+        audit.append(str(link), REC)
+
+
+def test_filters():
+    m = audit.matches
+    assert m(REC, job=16) and m(REC, job=17) and not m(REC, job=18)
+    assert m(REC, user="alice") and m(REC, user="2001") and not m(REC, user="bob")
+    assert m(REC, node="node2") and not m(REC, node="node1")
+    assert m(REC, since=REC["ts"] - 1) and not m(REC, since=REC["ts"] + 1)
+    assert m(REC, phase="account") and not m(REC, phase="session")
+
+
+def test_parse_since():
+    now = 1_000_000.0
+    assert audit.parse_since("30s", now) == now - 30
+    assert audit.parse_since("15m", now) == now - 900
+    assert audit.parse_since("2h", now) == now - 7200
+    assert audit.parse_since("1d", now) == now - 86400
+    assert audit.parse_since("12345.5", now) == 12345.5
+    assert audit.parse_since("1970-01-02T00:00:00", now) == 86400
+    assert audit.parse_since("1970-01-02T01:00:00+01:00", now) == 86400
+    with pytest.raises(ValueError):
+        audit.parse_since("yesterday-ish", now)
+
+
+def test_cli_table_and_json(tmp_path, capsys):
+    p = str(tmp_path / "a.jsonl")
+    audit.append(p, REC)
+    audit.append(p, dict(REC, user="bob", job=None, path="deny", result="PAM_PERM_DENIED",
+                         jobs=[20, 21], callerid={"status": "timeout"}))
+    with open(p, "a") as f:
+        f.write("garbage line\n")
+    assert audit.main(["--file", p]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["TIME", "NODE", "USER"]
+    assert len(out) == 3 and "caller-ID" in out[1] and "job 16" in out[1]
+    assert "deny" in out[2] and "timeout" in out[2]
+    assert audit.main(["--file", p, "--json", "--user", "bob"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["path"] == "deny"
+    assert audit.main(["--file", p, "--json", "--job", "16", "--node", "node2",
+                       "--since", "1970-01-01"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert audit.main(["--file", str(tmp_path / "none")]) == 1
