@@ -1,0 +1,149 @@
+"""End to end with a real OpenSSH sshd (private instance on 127.0.0.1, its own PAM service via
+the program-name trick) and the synthetic Slurm node of test_slurm.py: the session lands in
+the job's extern step for publickey AND keyboard-interactive logins, SLURM_JOB_ID is set, and a
+user without a job is refused with pam_slurm_adopt's message."""
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from test_slurm import NODE, FakeSlurm
+
+pytestmark = pytest.mark.root
+SSHD = "/usr/sbin/sshd"
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+@pytest.fixture
+def shell_user():
+    from pamhelpers import USER_PREFIX, _need_root
+    _need_root()
+    name = USER_PREFIX + uuid.uuid4().hex[:8]
+    subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", name], check=True,
+                   capture_output=True)
+    pw = uuid.uuid4().hex
+    subprocess.run(["chpasswd"], input="%s:%s\n" % (name, pw), text=True, check=True)
+    import pwd
+    yield name, pwd.getpwnam(name).pw_uid, pw
+    subprocess.run(["userdel", name], capture_output=True)
+
+
+@pytest.fixture
+def sshd(built_so, services, tmp_path, shell_user):
+    if not os.path.exists(SSHD):
+        pytest.skip("needs openssh-server")
+    os.chmod(tmp_path, 0o755)
+    slurm = FakeSlurm(tmp_path)
+    audit = tmp_path / "audit.jsonl"
+    args = "config=%s audit=%s" % (slurm.conf(1), audit)
+    svc = services.make([
+        "auth required pam_unix.so",
+        "account required pam_unix.so",
+        "account required %s service={service} %s" % (built_so, args),
+        "session required %s service={service} %s" % (built_so, args),
+    ])
+    prog = tmp_path / svc                       # sshd uses its program name as PAM service
+    prog.symlink_to(SSHD)
+    hostkey = tmp_path / "hostkey"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostkey)],
+                   check=True)
+    ukey = tmp_path / "ukey"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ukey)], check=True)
+    # sshd reads the keys file as the user: it must be outside pytest's 0700 tmp tree
+    import tempfile
+    kdir = tempfile.mkdtemp(prefix="cidtest-ssh-")
+    os.chmod(kdir, 0o755)
+    keys = os.path.join(kdir, "authorized_keys")
+    shutil.copy(str(ukey) + ".pub", keys)
+    os.chmod(keys, 0o644)
+    port = _free_port()
+    cfg = tmp_path / "sshd_config"
+    cfg.write_text("\n".join([
+        "ListenAddress 127.0.0.1", "Port %d" % port, "HostKey %s" % hostkey,
+        "UsePAM yes", "StrictModes no", "AuthorizedKeysFile %s" % keys,
+        "PasswordAuthentication no", "KbdInteractiveAuthentication yes",
+        "PubkeyAuthentication yes", "PermitRootLogin no", "PrintMotd no",
+        "PidFile none", "LogLevel ERROR", "AllowUsers %s" % shell_user[0], ""]))
+    made_run = not os.path.isdir("/run/sshd")
+    if made_run:
+        os.makedirs("/run/sshd", mode=0o755)
+    proc = subprocess.Popen([str(prog), "-D", "-e", "-f", str(cfg)], env={"PATH": "/usr/bin:/bin"},
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "sshd.log", "w"))
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield {"port": port, "ukey": ukey, "slurm": slurm, "audit": audit, "user": shell_user,
+           "tmp": tmp_path}
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    time.sleep(0.2)
+    slurm.cleanup()
+    shutil.rmtree(kdir, ignore_errors=True)
+    if made_run:
+        shutil.rmtree("/run/sshd", ignore_errors=True)
+
+
+def ssh(s, cmd, method="publickey"):
+    base = ["ssh", "-p", str(s["port"]), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=INFO",
+            "-o", "PreferredAuthentications=" + method, "-o", "BatchMode=" +
+            ("yes" if method == "publickey" else "no"), "-o", "ConnectTimeout=10"]
+    env = {"PATH": "/usr/bin:/bin"}
+    if method == "publickey":
+        base += ["-i", str(s["ukey"]), "-o", "IdentitiesOnly=yes"]
+    else:
+        askpass = s["tmp"] / "askpass.sh"
+        askpass.write_text("#!/bin/sh\necho %s\n" % s["user"][2])
+        os.chmod(askpass, 0o755)
+        env.update(SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force", DISPLAY=":0")
+        base += ["-o", "NumberOfPasswordPrompts=1"]
+    r = subprocess.run(base + ["%s@127.0.0.1" % s["user"][0], cmd], capture_output=True,
+                       text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("method", ["publickey", "keyboard-interactive"])
+def test_login_adopted_into_job(sshd, method):
+    s = sshd
+    job = s["slurm"].add_job(s["user"][1], 4242)
+    rc, out, err = ssh(s, "cat /proc/self/cgroup; echo JOB=$SLURM_JOB_ID", method)
+    assert rc == 0, (out, err)
+    want = "freezer:%s/slurm_%s/uid_%d/job_%d/step_extern" % (s["slurm"].root, NODE,
+                                                              s["user"][1], job)
+    assert want in out, out
+    assert "JOB=%d" % job in out
+    assert "pam_callerid: adopted into job %d" % job in err      # account-phase banner
+    import json
+    recs = [json.loads(x) for x in open(s["audit"])]
+    acc = [r for r in recs if r["phase"] == "account"][-1]
+    ses = [r for r in recs if r["phase"] == "session"][-1]
+    assert acc["src_ip"] == "127.0.0.1" and acc["dst_port"] == s["port"]   # sshd's socket
+    assert ses["adopted_pid"] == ses["pid"] and ses["job"] == job
+    if method == "publickey":      # account and session in the same [priv] process
+        assert ses["stashed_from_pid"] == acc["pid"] == ses["pid"]
+    else:                          # account ran in the forked [pam] child: decided again
+        assert ses.get("redecided") is True and acc["pid"] != ses["pid"]
+
+
+def test_no_job_refused_with_message(sshd):
+    rc, out, err = ssh(sshd, "true")
+    assert rc != 0
+    assert "Access denied by pam_callerid: you have no active jobs on this node" in err, err
