@@ -39,20 +39,26 @@ def shell_user():
     subprocess.run(["userdel", name], capture_output=True)
 
 
-@pytest.fixture
-def sshd(built_so, services, tmp_path, shell_user):
+@pytest.fixture(params=[False, True], ids=["plain", "mover-before-us"])
+def sshd(request, built_so, services, tmp_path, shell_user):
     if not os.path.exists(SSHD):
         pytest.skip("needs openssh-server")
     os.chmod(tmp_path, 0o755)
     slurm = FakeSlurm(tmp_path)
     audit = tmp_path / "audit.jsonl"
     args = "config=%s audit=%s" % (slurm.conf(1), audit)
-    svc = services.make([
-        "auth required pam_unix.so",
-        "account required pam_unix.so",
-        "account required %s service={service} %s" % (built_so, args),
-        "session required %s service={service} %s" % (built_so, args),
-    ])
+    lines = ["auth required pam_unix.so", "account required pam_unix.so",
+             "account required %s service={service} %s" % (built_so, args)]
+    if request.param:
+        # like pam_systemd: a session module before ours moves the session elsewhere
+        other = "/sys/fs/cgroup/freezer%s/elsewhere" % slurm.root
+        slurm._mk(other)
+        mover = tmp_path / "mover.sh"
+        mover.write_text("#!/bin/sh\necho $PPID > %s/cgroup.procs\n" % other)
+        os.chmod(mover, 0o755)
+        lines.append("session required pam_exec.so %s" % mover)
+    lines.append("session required %s service={service} %s" % (built_so, args))
+    svc = services.make(lines)
     prog = tmp_path / svc                       # sshd uses its program name as PAM service
     prog.symlink_to(SSHD)
     hostkey = tmp_path / "hostkey"
