@@ -47,6 +47,7 @@ def main():
     import pwd
     uid = pwd.getpwnam(user).pw_uid
     svcs = []
+    stages = {}
     slurm = T.FakeSlurm(tmp)
     daemon = T.FakeDaemon(slurm.key)
 
@@ -76,6 +77,7 @@ def main():
         d = dict(kv.split("=") for kv in r.stdout.split())
         with open(audit) as f:
             last = [json.loads(x) for x in f][-2]        # the first call's record
+        stages.setdefault(svc, []).append(last.get("ms") or {})
         return float(d["first_ms"]), float(d["second_ms"]), last.get("py_init_ms"), \
             last.get("latency_ms"), last.get("path")
 
@@ -96,7 +98,12 @@ def main():
             res = [run(svc, who, audit, with_conn) for _ in range(a.runs)]
             med = [statistics.median(x[i] for x in res) if res[0][i] is not None else None
                    for i in range(4)]
-            rows.append((label, med[0], med[1], med[2], med[3], res[0][4]))
+            st = stages.get(svc) or [{}]
+            keys = sorted({k for x in st for k in x})
+            detail = " ".join("%s=%.2f" % (k, statistics.median(x.get(k, 0) for x in st))
+                              for k in keys)
+            rows.append((label, med[0], med[1], med[2], med[3],
+                         "%s %s" % (res[0][4], detail)))
 
         scenario("root (ignored)", "", who="root")
         scenario("no jobs (denied)", "")
@@ -109,7 +116,7 @@ def main():
         daemon.mode = ("unknown",)
         scenario("two jobs, caller-ID unknown (newest)", "", with_conn=True)
         print("%-40s %10s %10s %10s %10s  %s" % ("path", "first_ms", "second_ms", "py_init",
-                                                   "py_side", "audit path"))
+                                                   "py_side", "audit path, py-side stages (ms)"))
         for label, f, s, pi, lat, path in rows:
             fmt = lambda v: "-" if v is None else "%.2f" % v  # noqa: E731
             print("%-40s %10s %10s %10s %10s  %s" % (label, fmt(f), fmt(s), fmt(pi), fmt(lat),
@@ -125,6 +132,8 @@ def main():
                 pass
         slurm.cleanup()
         subprocess.run(["userdel", user], capture_output=True)
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
