@@ -1,8 +1,8 @@
 """Build (and install) pam_callerid.so: a PAM module whose logic is Python.
 
     /opt/slurm-callerid/bin/python -m pam_callerid.build --venv /opt/slurm-callerid --out DIR
-    /opt/slurm-callerid/bin/python -m pam_callerid.build --venv /opt/slurm-callerid --out DIR \
-        --install [--install-dir /lib/x86_64-linux-gnu/security]
+    /opt/slurm-callerid/bin/python -m pam_callerid.build --venv /opt/slurm-callerid \
+        [--out DIR] --install [--install-dir /lib/x86_64-linux-gnu/security]
 
 Mechanism: cffi *embedding* mode plus a small C shim (see the design notes). The C side exports
 only ``pam_sm_*`` (a linker version script hides everything else) and:
@@ -367,10 +367,11 @@ def search_path(venv, project):
     base = sys.base_prefix
     paths = [os.path.join(base, "lib", "python%s.zip" % ver.replace(".", "")),
              sysconfig.get_path("stdlib"),
-             os.path.join(sysconfig.get_path("stdlib"), "lib-dynload"),
-             os.path.join(venv, "lib", "python%s" % ver, "site-packages")]
-    if project and project not in paths:
+             os.path.join(sysconfig.get_path("stdlib"), "lib-dynload")]
+    # the project before the venv: a stale pip-installed copy must not shadow the build's
+    if project:
         paths.append(project)
+    paths.append(os.path.join(venv, "lib", "python%s" % ver, "site-packages"))
     out = []
     for p in paths:
         p = os.path.realpath(p) if not p.endswith(".zip") else p
@@ -448,7 +449,9 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--venv", default=os.path.realpath(sys.prefix),
                     help="the project's virtual environment (default: this interpreter's)")
-    ap.add_argument("--out", required=True, help="output directory for pam_callerid.so")
+    ap.add_argument("--out", default=None,
+                    help="output directory for pam_callerid.so (default with --install: a "
+                         "temporary directory, removed afterwards)")
     ap.add_argument("--project", default=None,
                     help="directory holding the pam_callerid package (default: this checkout)")
     ap.add_argument("--name", default="pam_callerid", help="module base name")
@@ -457,10 +460,17 @@ def main(argv=None):
                     help="PAM module directory (default %(default)s)")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
-    so = build(a.venv, a.out, a.project, a.name, a.verbose)
-    print("built", so)
-    if a.install:
-        print("installed", install(so, a.install_dir, a.name + ".so"))
+    if a.out is None and not a.install:
+        ap.error("give --out DIR, or --install")
+    out = a.out or tempfile.mkdtemp(prefix="pam_callerid-build-")
+    try:
+        so = build(a.venv, out, a.project, a.name, a.verbose)
+        print("built", so)
+        if a.install:
+            print("installed", install(so, a.install_dir, a.name + ".so"))
+    finally:
+        if a.out is None:
+            shutil.rmtree(out, ignore_errors=True)
     return 0
 
 

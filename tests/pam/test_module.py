@@ -239,3 +239,19 @@ def test_syslog_authpriv_ident(built_so, services, cid_user, tmp_path):
     assert all(ln.startswith("<8") and " pam_callerid[" in ln for ln in lines), lines
     assert any("ignoring unrecognized option 'frobnicate=1'" in ln for ln in lines), lines
     assert any(ln.startswith("<83>") and "cannot list the jobs" in ln for ln in lines), lines
+
+
+def test_build_install_step(tmp_path):
+    """--install without --out (as packaging/run calls it) into a custom directory."""
+    from pamhelpers import VENV, _need_root
+    _need_root()
+    dest = tmp_path / "security"
+    r = subprocess.run([sys.executable, "-m", "pam_callerid.build", "--venv", VENV,
+                        "--install", "--install-dir", str(dest)], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    so = dest / "pam_callerid.so"
+    assert so.is_file() and oct(so.stat().st_mode & 0o777) == oct(0o644)
+    r = subprocess.run([sys.executable, "-m", "pam_callerid.build", "--venv", VENV],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode != 0 and "--out" in r.stderr
