@@ -135,6 +135,121 @@ class Handler:
         return self._reply(res.status, req.nonce, res.job_id, res.job_uid)
 
 
+class _Conn(asyncio.Protocol):
+    """One client connection: read one frame under a read timeout and a total deadline, hand
+    it to a worker thread, write the reply, close.  (A bare Protocol: per-connection cost
+    matters at thousands of answers per second; streams cost several times more.)"""
+
+    __slots__ = ("srv", "loop", "transport", "peer", "dec", "t_read", "t_total", "busy", "done")
+
+    def __init__(self, srv: "Server"):
+        self.srv = srv
+        self.loop = srv.loop
+        self.transport = None
+        self.dec = None
+        self.t_read = self.t_total = None
+        self.busy = False
+        self.done = False
+
+    def connection_made(self, transport):
+        srv = self.srv
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        try:
+            self.peer = P.normalise_addr(peer[0]).compressed if peer else "?"
+        except ValueError:
+            self.peer = str(peer[0])
+        srv.stats["connections"] += 1
+        if srv.active >= srv.cfg.max_connections or srv.stopping:
+            srv.stats["over-capacity"] += 1
+            self.done = True
+            transport.abort()
+            return
+        if not srv.rate.allow(self.peer):
+            srv.stats["rate-limited"] += 1
+            if srv.stats["rate-limited"] % 100 == 1:
+                log.warning("event=rate-limited peer=%s total=%d", self.peer, srv.stats["rate-limited"])
+            self.done = True
+            transport.abort()
+            return
+        srv.active += 1
+        srv.conns.add(self)
+        self.dec = P.FrameDecoder(max_frames=1)
+        self.t_read = self.loop.call_later(srv.cfg.read_timeout, self._timeout)
+        self.t_total = self.loop.call_later(srv.cfg.connection_timeout, self._timeout)
+
+    def _finish(self, abort=False):
+        if self.done:
+            return
+        self.done = True
+        self.srv.active -= 1
+        self.srv.conns.discard(self)
+        for t in (self.t_read, self.t_total):
+            if t is not None:
+                t.cancel()
+        if abort:
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def _timeout(self):
+        if not self.done:
+            self.srv.stats["timeouts"] += 1
+            log.info("event=timeout peer=%s", self.peer)
+            self._finish(abort=True)
+
+    def data_received(self, data):
+        if self.done or self.busy:
+            return
+        try:
+            frames = self.dec.feed(data)
+        except P.ProtocolError as e:
+            self.srv.stats["protocol-errors"] += 1
+            log.info("event=bad-frame peer=%s reason=%s", self.peer, e)
+            self._finish(abort=True)
+            return
+        if not frames:
+            self.t_read.cancel()
+            self.t_read = self.loop.call_later(self.srv.cfg.read_timeout, self._timeout)
+            return
+        self.busy = True
+        self.t_read.cancel()
+        self.transport.pause_reading()
+        fut = self.loop.run_in_executor(self.srv.pool, self.srv.handler.handle, frames[0], self.peer)
+        fut.add_done_callback(self._answered)
+
+    def _answered(self, fut):
+        if self.done:
+            return
+        try:
+            out = fut.result()
+        except Exception:
+            log.exception("event=handler-error peer=%s", self.peer)
+            out = None
+        if out is None:
+            self.srv.stats["dropped"] += 1
+            self._finish(abort=True)
+            return
+        self.transport.write(out)
+        self.srv.stats["answered"] += 1
+        self._finish()
+
+    def eof_received(self):
+        if not self.done and not self.busy:
+            try:
+                self.dec.eof()
+            except P.ProtocolError as e:
+                self.srv.stats["protocol-errors"] += 1
+                log.info("event=bad-frame peer=%s reason=%s", self.peer, e)
+            self._finish(abort=True)
+        return False
+
+    def connection_lost(self, exc):
+        if not self.done:
+            self.srv.stats["conn-errors" if exc else "closed-early"] += 1
+            self._finish(abort=True)
+
+
 class Server:
     def __init__(self, cfg, auth, lookup: Lookup, *, node: str | None = None):
         self.cfg = cfg
@@ -144,20 +259,23 @@ class Server:
         self.pool = concurrent.futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="callerid")
         self.servers: list[asyncio.AbstractServer] = []
         self.active = 0
+        self.conns: set[_Conn] = set()
         self.stats = collections.Counter()
         self.port = cfg.port
-        self._stop = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
+        self.stopping = False
+        self.loop = None
+        self._stop = None
 
     async def start(self) -> list[str]:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
         bound = []
         errors = []
         port = self.cfg.port
         for addr in self.cfg.listen_addresses:
             try:
-                srv = await asyncio.start_server(self._on_conn, host=addr, port=port,
-                                                 reuse_address=True, backlog=1024,
-                                                 limit=P.MAX_FRAME)
+                srv = await self.loop.create_server(lambda: _Conn(self), host=addr, port=port,
+                                                    reuse_address=True, backlog=1024)
             except OSError as e:
                 errors.append(f"{addr}:{port}: {e.strerror}")
                 continue
@@ -174,79 +292,20 @@ class Server:
         self.port = port
         return bound
 
-    async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        task = asyncio.current_task()
-        self._tasks.add(task)
-        try:
-            await self._serve(reader, writer)
-        finally:
-            self._tasks.discard(task)
-
-    async def _serve(self, reader, writer):
-        peer = writer.get_extra_info("peername")
-        host = P.normalise_addr(peer[0]).compressed if peer else "?"
-        self.stats["connections"] += 1
-        if self.active >= self.cfg.max_connections:
-            self.stats["over-capacity"] += 1
-            writer.transport.abort()
-            return
-        if not self.rate.allow(host):
-            self.stats["rate-limited"] += 1
-            if self.stats["rate-limited"] % 100 == 1:
-                log.warning("event=rate-limited peer=%s total=%d", host, self.stats["rate-limited"])
-            writer.transport.abort()
-            return
-        self.active += 1
-        try:
-            async with asyncio.timeout(self.cfg.connection_timeout):
-                dec = P.FrameDecoder(max_frames=1)
-                frame = None
-                while frame is None:
-                    data = await asyncio.wait_for(reader.read(P.MAX_FRAME), self.cfg.read_timeout)
-                    if not data:
-                        dec.eof()
-                        return
-                    frames = dec.feed(data)
-                    if frames:
-                        frame = frames[0]
-                loop = asyncio.get_running_loop()
-                out = await loop.run_in_executor(self.pool, self.handler.handle, frame, host)
-                if out is None:
-                    self.stats["dropped"] += 1
-                    return
-                writer.write(out)
-                await writer.drain()
-                self.stats["answered"] += 1
-        except P.ProtocolError as e:
-            self.stats["protocol-errors"] += 1
-            log.info("event=bad-frame peer=%s reason=%s", host, e)
-        except (TimeoutError, asyncio.TimeoutError):
-            self.stats["timeouts"] += 1
-            log.info("event=timeout peer=%s", host)
-        except (ConnectionError, OSError):
-            self.stats["conn-errors"] += 1
-        finally:
-            self.active -= 1
-            try:
-                writer.close()
-            except Exception:
-                pass
-
     def request_stop(self):
         self._stop.set()
 
     async def serve_until_stopped(self):
         await self._stop.wait()
+        self.stopping = True
         log.info("event=stopping active=%d", self.active)
         for s in self.servers:
             s.close()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=2.0)
-        for s in self.servers:
-            try:
-                await asyncio.wait_for(s.wait_closed(), 1.0)
-            except (TimeoutError, asyncio.TimeoutError):
-                pass
+        end = self.loop.time() + 2.0
+        while self.conns and self.loop.time() < end:  # let in-flight answers finish
+            await asyncio.sleep(0.02)
+        for c in list(self.conns):
+            c._finish(abort=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
         log.info("event=stopped %s", " ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
 
