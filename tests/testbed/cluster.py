@@ -435,11 +435,23 @@ class Cluster:
             r = self.exec("login", ["squeue", "-h", "-j", str(job), "-o", "%T"])
             if r.out.strip() == "RUNNING":
                 nodes = self.job_nodes(job)
-                if nodes and all((self.spool(n) / f"{n}_{job}.{EXTERN_STEP}").is_socket() for n in nodes):
+                if nodes and all(self._extern_ready(n, job) for n in nodes):
                     return nodes
             time.sleep(0.05)
         raise TestbedError(f"job {job} did not start with its extern steps in {timeout}s: "
                            f"{self.exec('login', ['squeue', '-a']).out}")
+
+    def _extern_ready(self, node: str, job: int) -> bool:
+        """The extern stepd's socket exists and its step cgroup holds its placeholder process
+        (the socket appears slightly before the cgroup)."""
+        if not (self.spool(node) / f"{node}_{job}.{EXTERN_STEP}").is_socket():
+            return False
+        for procs in Path(f"/sys/fs/cgroup/freezer/slurm_{node}").glob(f"uid_*/job_{job}/step_extern/cgroup.procs"):
+            try:
+                return bool(procs.read_text().strip())
+            except OSError:
+                return False
+        return False
 
     def scancel(self, user: str, *args: str) -> None:
         self.exec("login", ["scancel", *args], user=user, check=True)
