@@ -26,13 +26,15 @@ def _where(cluster, user, src, dst, job=None):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--module", default="pam_slurm_adopt", choices=["pam_slurm_adopt"],
-                    help="adoption module in the node sshds' account stack")
+    ap.add_argument("--module", default="pam_callerid", choices=["pam_callerid", "pam_slurm_adopt"],
+                    help="adoption module in the node sshds' PAM stack")
+    ap.add_argument("--prefix", default="cid", help="test bed name prefix (namespaces, bridge)")
+    ap.add_argument("--subnet", type=int, default=3, help="10.199.<subnet>.0/24 for the test bed")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from tests.testbed.cluster import Cluster
 
-    c = Cluster(nodes=3)
+    c = Cluster(nodes=3, prefix=args.prefix, subnet=args.subnet)
     print("== bringing up a 3-node Slurm cluster in network namespaces ...", flush=True)
     c.up()
     try:
@@ -40,8 +42,14 @@ def main(argv=None) -> int:
         for h in c.hosts.values():
             print(f"   {h.name:6s} {h.ip4:14s} {h.ip6:18s} {h.kind}")
         print(c.exec("login", ["sinfo"]).out)
-        c.use_pam_slurm_adopt()
-        print(f"== node sshd PAM account stack ends with: {args.module} nodename=<node>\n")
+        audit = None
+        if args.module == "pam_callerid":
+            audit = _use_pam_callerid(c)
+            print("== node sshd PAM stack: pam_callerid in account (decide) and session (adopt); "
+                  f"caller-ID daemon on {', '.join(c.nodes)}, none on the login node\n")
+        else:
+            c.use_pam_slurm_adopt()
+            print(f"== node sshd PAM account stack ends with: {args.module} nodename=<node>\n")
         steps = []
 
         def play(title, user, src, dst, job=None):
@@ -62,10 +70,22 @@ def main(argv=None) -> int:
         n = c.sbatch("alice", nodes=["node2"])
         play(f"jobs {b},{n} on node2, ssh from inside job {b} on node1 -> caller-ID", "alice", "node1", "node2", job=b)
         play(f"jobs {b},{n} on node2, ssh from the login node -> newest", "alice", "login", "node2")
+        if args.module == "pam_callerid":
+            play(f"again from the login node -> negative cache, no wait", "alice", "login", "node2")
+            mark = c.syslog_mark()
+            r = c.ssh("alice", "login", "node1", "grep :freezer: /proc/self/cgroup", password=True)
+            steps.append(("keyboard-interactive login -> adopted in session",
+                          f"{r.seconds * 1000:.0f} ms",
+                          "landed in " + r.out.strip().split(":", 2)[2] if r.rc == 0 else r.err.strip()))
+            print(f"-- keyboard-interactive login alice@node1: {steps[-1][2]}")
         play("bob has no job on node2 -> denied", "bob", "login", "node2")
         print("\n== summary")
         for title, ms, outcome in steps:
             print(f"   {title:62s} {ms:>7s}  {outcome}")
+        if audit is not None:
+            from pam_callerid import audit as A
+            print(f"\n== audit records ({audit}; `callerid audit` reads them)")
+            print(A.format_table(list(A.read(str(audit)))))
         c.cancel_all()
     finally:
         print("\n== tearing down ...", flush=True)
@@ -73,6 +93,35 @@ def main(argv=None) -> int:
         left = c.leftovers()
         print("   machine clean" if not left else f"   LEFT BEHIND: {left}")
     return 0
+
+
+def _use_pam_callerid(c, port=6820):
+    """Build pam_callerid into the test bed's state dir, write an HMAC key and a shared
+    callerid.conf, start the caller-ID daemon on every compute node (not on the login node),
+    and put the module in every node's sshd account + session stacks. Returns the audit path."""
+    import os
+    from daemon.auth import write_key
+    from pam_callerid.build import build
+    work = c.state / "callerid"
+    work.mkdir(mode=0o755, exist_ok=True)
+    so = build(sys.prefix, str(work), str(ROOT))
+    key = work / "callerid.key"
+    if not key.exists():
+        write_key(str(key))
+    conf = work / "callerid.conf"
+    conf.write_text(f"AuthType=hmac\nKeyFile={key}\nPort={port}\nPamNegativeCacheTTL=60\n")
+    audit = work / "audit.jsonl"
+    if audit.exists():
+        audit.unlink()
+    args = f"nodename=@NODE@ config={conf} audit={audit} rpc_timeout=0.5 action_adopt_failure=deny"
+    c.set_pam_all([f"account required {so} {args}"], [f"session required {so} {args}"])
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 0.5).close()"
+    for n in c.nodes:
+        c.start_daemon(n, "callerid", [sys.executable, "-m", "daemon.cli", "daemon", "--config", str(conf)],
+                       env={"PYTHONPATH": str(ROOT)},
+                       wait_for=lambda n=n: c.exec(n, [sys.executable, "-c", probe]).ok)
+    os.chmod(work, 0o755)
+    return audit
 
 
 if __name__ == "__main__":
