@@ -391,3 +391,12 @@ def test_cli_query_exit_codes(tmp_path):
     assert r.returncode == 3 and r.stdout.startswith("unreachable")
     r = _cli("query", "--config", str(conf), "127.0.0.1", "fd00::1:22", "127.0.0.1:22")
     assert r.returncode == 64
+
+
+def test_client_import_is_light():
+    code = ("import sys, daemon.client; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('cffi', 'asyncio', 'pyroute2', 'psutil', 'hmac')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([PY, "-I", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
