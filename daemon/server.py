@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -135,62 +136,54 @@ class Handler:
         return self._reply(res.status, req.nonce, res.job_id, res.job_uid)
 
 
-class _Conn(asyncio.Protocol):
-    """One client connection: read one frame under a read timeout and a total deadline, hand
-    it to a worker thread, write the reply, close.  (A bare Protocol: per-connection cost
-    matters at thousands of answers per second; streams cost several times more.)"""
+_LINGER0 = struct.pack("ii", 1, 0)
 
-    __slots__ = ("srv", "loop", "transport", "peer", "dec", "t_read", "t_total", "busy", "done")
 
-    def __init__(self, srv: "Server"):
+class _Conn:
+    """One client connection on a raw non-blocking socket driven by the event loop's
+    selector: read one frame under a read timeout and a total deadline, hand it to a worker
+    thread, write the reply, close.  (No asyncio transport, protocol or task per connection:
+    at thousands of answers per second those cost more than the answer itself.)"""
+
+    __slots__ = ("srv", "loop", "sock", "fd", "peer", "dec", "t_read", "t_total", "busy",
+                 "done", "reading", "out")
+
+    def __init__(self, srv: "Server", sock: socket.socket, peer: str):
         self.srv = srv
         self.loop = srv.loop
-        self.transport = None
-        self.dec = None
-        self.t_read = self.t_total = None
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.dec = P.FrameDecoder(max_frames=1)
         self.busy = False
         self.done = False
-
-    def connection_made(self, transport):
-        srv = self.srv
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        try:
-            self.peer = P.normalise_addr(peer[0]).compressed if peer else "?"
-        except ValueError:
-            self.peer = str(peer[0])
-        srv.stats["connections"] += 1
-        if srv.active >= srv.cfg.max_connections or srv.stopping:
-            srv.stats["over-capacity"] += 1
-            self.done = True
-            transport.abort()
-            return
-        if not srv.rate.allow(self.peer):
-            srv.stats["rate-limited"] += 1
-            if srv.stats["rate-limited"] % 100 == 1:
-                log.warning("event=rate-limited peer=%s total=%d", self.peer, srv.stats["rate-limited"])
-            self.done = True
-            transport.abort()
-            return
-        srv.active += 1
-        srv.conns.add(self)
-        self.dec = P.FrameDecoder(max_frames=1)
-        self.t_read = self.loop.call_later(srv.cfg.read_timeout, self._timeout)
-        self.t_total = self.loop.call_later(srv.cfg.connection_timeout, self._timeout)
+        self.out = b""
+        cfg = srv.cfg
+        self.t_read = self.loop.call_later(cfg.read_timeout, self._timeout)
+        self.t_total = self.loop.call_later(cfg.connection_timeout, self._timeout)
+        self.loop.add_reader(self.fd, self._readable)
+        self.reading = True
 
     def _finish(self, abort=False):
         if self.done:
             return
         self.done = True
-        self.srv.active -= 1
-        self.srv.conns.discard(self)
-        for t in (self.t_read, self.t_total):
-            if t is not None:
-                t.cancel()
-        if abort:
-            self.transport.abort()
-        else:
-            self.transport.close()
+        srv = self.srv
+        srv.active -= 1
+        srv.conns.discard(self)
+        self.t_read.cancel()
+        self.t_total.cancel()
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+        if self.out:
+            self.loop.remove_writer(self.fd)
+        try:
+            if abort:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+        except OSError:
+            pass
+        self.sock.close()
 
     def _timeout(self):
         if not self.done:
@@ -198,23 +191,39 @@ class _Conn(asyncio.Protocol):
             log.info("event=timeout peer=%s", self.peer)
             self._finish(abort=True)
 
-    def data_received(self, data):
+    def _bad(self, e):
+        self.srv.stats["protocol-errors"] += 1
+        log.info("event=bad-frame peer=%s reason=%s", self.peer, e)
+        self._finish(abort=True)
+
+    def _readable(self):
         if self.done or self.busy:
             return
         try:
-            frames = self.dec.feed(data)
-        except P.ProtocolError as e:
-            self.srv.stats["protocol-errors"] += 1
-            log.info("event=bad-frame peer=%s reason=%s", self.peer, e)
+            data = self.sock.recv(P.MAX_FRAME)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.srv.stats["conn-errors"] += 1
             self._finish(abort=True)
             return
+        try:
+            if not data:
+                self.dec.eof()
+                self.srv.stats["closed-early"] += 1
+                self._finish(abort=True)
+                return
+            frames = self.dec.feed(data)
+        except P.ProtocolError as e:
+            self._bad(e)
+            return
+        self.t_read.cancel()
         if not frames:
-            self.t_read.cancel()
             self.t_read = self.loop.call_later(self.srv.cfg.read_timeout, self._timeout)
             return
         self.busy = True
-        self.t_read.cancel()
-        self.transport.pause_reading()
+        self.loop.remove_reader(self.fd)
+        self.reading = False
         fut = self.loop.run_in_executor(self.srv.pool, self.srv.handler.handle, frames[0], self.peer)
         fut.add_done_callback(self._answered)
 
@@ -223,31 +232,38 @@ class _Conn(asyncio.Protocol):
             return
         try:
             out = fut.result()
-        except Exception:
+        except BaseException:
             log.exception("event=handler-error peer=%s", self.peer)
             out = None
         if out is None:
             self.srv.stats["dropped"] += 1
             self._finish(abort=True)
             return
-        self.transport.write(out)
+        self.out = out
+        self._writable(first=True)
+
+    def _writable(self, first=False):
+        if self.done:
+            return
+        try:
+            n = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self.srv.stats["conn-errors"] += 1
+            self._finish(abort=True)
+            return
+        rest = self.out[n:]
+        if rest:
+            if first:
+                self.loop.add_writer(self.fd, self._writable)
+            self.out = rest
+            return
+        if not first:
+            self.loop.remove_writer(self.fd)
+        self.out = b""
         self.srv.stats["answered"] += 1
         self._finish()
-
-    def eof_received(self):
-        if not self.done and not self.busy:
-            try:
-                self.dec.eof()
-            except P.ProtocolError as e:
-                self.srv.stats["protocol-errors"] += 1
-                log.info("event=bad-frame peer=%s reason=%s", self.peer, e)
-            self._finish(abort=True)
-        return False
-
-    def connection_lost(self, exc):
-        if not self.done:
-            self.srv.stats["conn-errors" if exc else "closed-early"] += 1
-            self._finish(abort=True)
 
 
 class Server:
@@ -257,7 +273,7 @@ class Server:
                                max_clock_skew=cfg.max_clock_skew)
         self.rate = RateLimiter(cfg.rate_limit, cfg.rate_burst)
         self.pool = concurrent.futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="callerid")
-        self.servers: list[asyncio.AbstractServer] = []
+        self.listeners: list[socket.socket] = []
         self.active = 0
         self.conns: set[_Conn] = set()
         self.stats = collections.Counter()
@@ -265,6 +281,23 @@ class Server:
         self.stopping = False
         self.loop = None
         self._stop = None
+
+    def _listen(self, addr: str, port: int) -> socket.socket:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+        fam, st, pr, _, sa = infos[0]
+        s = socket.socket(fam, st | socket.SOCK_CLOEXEC, pr)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(sa)
+            s.listen(1024)
+            s.setblocking(False)
+        except OSError:
+            s.close()
+            raise
+        return s
 
     async def start(self) -> list[str]:
         self.loop = asyncio.get_running_loop()
@@ -274,23 +307,52 @@ class Server:
         port = self.cfg.port
         for addr in self.cfg.listen_addresses:
             try:
-                srv = await self.loop.create_server(lambda: _Conn(self), host=addr, port=port,
-                                                    reuse_address=True, backlog=1024)
-            except OSError as e:
-                errors.append(f"{addr}:{port}: {e.strerror}")
+                s = self._listen(addr, port)
+            except (OSError, socket.gaierror) as e:
+                errors.append(f"{addr}:{port}: {getattr(e, 'strerror', None) or e}")
                 continue
-            self.servers.append(srv)
-            for s in srv.sockets:
-                name = s.getsockname()
-                if port == 0:
-                    port = name[1]
-                bound.append(f"[{name[0]}]:{name[1]}" if s.family == socket.AF_INET6 else f"{name[0]}:{name[1]}")
-        if not self.servers:
+            self.listeners.append(s)
+            name = s.getsockname()
+            if port == 0:
+                port = name[1]
+            bound.append(f"[{name[0]}]:{name[1]}" if s.family == socket.AF_INET6 else f"{name[0]}:{name[1]}")
+            self.loop.add_reader(s.fileno(), self._accept, s)
+        if not self.listeners:
             raise OSError(f"cannot listen: {'; '.join(errors)}")
         for e in errors:
             log.warning("event=listen-failed address=%s", e)
         self.port = port
         return bound
+
+    def _accept(self, lsock: socket.socket):
+        for _ in range(64):
+            try:
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS...: keep serving the rest
+                self.stats["accept-errors"] += 1
+                if self.stats["accept-errors"] % 100 == 1:
+                    log.error("event=accept-failed error=%r total=%d", e.strerror, self.stats["accept-errors"])
+                return
+            self.stats["connections"] += 1
+            try:
+                peer = P.normalise_addr(addr[0]).compressed
+            except ValueError:
+                peer = str(addr[0])
+            if self.active >= self.cfg.max_connections or self.stopping:
+                self.stats["over-capacity"] += 1
+                _abort(sock)
+                continue
+            if not self.rate.allow(peer):
+                self.stats["rate-limited"] += 1
+                if self.stats["rate-limited"] % 100 == 1:
+                    log.warning("event=rate-limited peer=%s total=%d", peer, self.stats["rate-limited"])
+                _abort(sock)
+                continue
+            sock.setblocking(False)
+            self.active += 1
+            self.conns.add(_Conn(self, sock, peer))
 
     def request_stop(self):
         self._stop.set()
@@ -299,7 +361,8 @@ class Server:
         await self._stop.wait()
         self.stopping = True
         log.info("event=stopping active=%d", self.active)
-        for s in self.servers:
+        for s in self.listeners:
+            self.loop.remove_reader(s.fileno())
             s.close()
         end = self.loop.time() + 2.0
         while self.conns and self.loop.time() < end:  # let in-flight answers finish
@@ -308,6 +371,14 @@ class Server:
             c._finish(abort=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
         log.info("event=stopped %s", " ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
+
+
+def _abort(sock: socket.socket):
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+    except OSError:
+        pass
+    sock.close()
 
 
 async def run(cfg, auth, lookup, *, ready=None) -> int:

@@ -221,7 +221,10 @@ def _raw_exchange(port, data, timeout=3.0):
         s.shutdown(socket.SHUT_WR)
         out = b""
         while True:
-            d = s.recv(4096)
+            try:
+                d = s.recv(4096)
+            except ConnectionResetError:  # closed with RST (bad input is aborted)
+                return out
             if not d:
                 return out
             out += d
@@ -262,7 +265,10 @@ def test_hostile_connections_do_not_hurt_server():
             s.sendall(frame[:20])
             s.settimeout(3)
             t = time.monotonic()
-            assert s.recv(10) == b""
+            try:
+                assert s.recv(10) == b""
+            except ConnectionResetError:
+                pass
             assert time.monotonic() - t < 2
         # a reply frame sent as request
         rep = wire.seal_reply(P.Reply(P.STATUS_FOUND, os.urandom(16), 1, 0, "x"), auth)
