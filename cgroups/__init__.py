@@ -41,7 +41,8 @@ Errors: CgroupError > ConfError, LayoutNotFound, JobGone, PidGone, PermissionDen
 AdoptionFailed; paths.CgroupParseError.
 """
 from .errors import (AdoptionFailed, CgroupError, ConfError, JobGone, LayoutNotFound,
-                     PermissionDenied, PidGone)
+                     PermissionDenied, PidGone, StepdError, StepdProtocolError, StepdTimeout,
+                     StepdUnavailable)
 
 _LAZY = {
     "discover": "layout", "Layout": "layout", "resolve_nodename": "layout",
@@ -50,11 +51,13 @@ _LAZY = {
     "newest": "paths", "parse_proc_cgroup": "paths", "job_from_proc_cgroup": "paths",
     "JobRef": "paths", "CgroupParseError": "paths", "parse_mounts": "paths",
     "adopt": "adoption", "adopt_user": "adoption",
+    "step_uid": "stepd", "query_step_uid": "stepd",
     "parse_conf_text": "conf", "load_conf": "conf", "Conf": "conf",
 }
 
 __all__ = ["CgroupError", "ConfError", "LayoutNotFound", "JobGone", "PidGone",
-           "PermissionDenied", "AdoptionFailed"] + sorted(_LAZY)
+           "PermissionDenied", "AdoptionFailed", "StepdError", "StepdUnavailable", "StepdTimeout",
+           "StepdProtocolError"] + sorted(_LAZY)
 
 
 def __getattr__(name):

@@ -56,3 +56,25 @@ class PermissionDenied(CgroupError):
 class AdoptionFailed(CgroupError):
     """The write was accepted but /proc/PID/cgroup does not show the pid in the target
     (for example something moved it again), or another unexpected kernel error."""
+
+
+class StepdError(CgroupError):
+    """A slurmstepd could not be asked (see :mod:`cgroups.stepd`). ``socket`` is its path."""
+
+    def __init__(self, message, socket=None):
+        self.socket = socket
+        super().__init__(message)
+
+
+class StepdUnavailable(StepdError):
+    """No stepd behind the socket: the file is gone (step ended), nobody listens (stale socket
+    of a dead stepd) or its listen backlog is full. Fails at once, no waiting."""
+
+
+class StepdTimeout(StepdError, TimeoutError):
+    """The stepd did not answer completely within the deadline."""
+
+
+class StepdProtocolError(StepdError):
+    """The peer answered something a slurmstepd would not: refused handshake, closed early,
+    impossible uid, or a listener that does not run as root (not trusted)."""

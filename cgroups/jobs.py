@@ -3,20 +3,35 @@
 Owner of a job (uid):
 
 * v1: the ``uid_<U>`` component of the job's cgroup path. slurmstepd creates it (as root) from
-  the job credential, so it is as trustworthy as Slurm itself.
+  the job credential, so it is as trustworthy as Slurm itself. ``verify_owner=True`` also asks
+  each job's extern slurmstepd (below) and drops jobs where the two disagree.
 * v2: the tree carries no uid and every directory is root-owned, and the extern step's
-  placeholder ("sleep 100000000") runs as root. The local source used here is the **real uid
-  of the task processes of the job's other steps** (``job_<J>/step_<S>/user/task_<N>``, S not
-  extern): slurmstepd setuid()s to the job owner before it execs a task, and only root can
-  place processes in those root-owned cgroups, so a process there with real uid U was started
-  by Slurm for the job's owner. A task that runs a setuid program keeps its real uid. A job
-  with only an extern step on this node (salloc + ssh) has no such process: its owner is then
-  unknown (``Job.uid is None``) unless the caller passes ``owner_resolver`` (for example a
-  slurmstepd REQUEST_STEP_UID query, the source pam_slurm_adopt uses); such jobs are never
-  reported as a given user's.
+  placeholder ("sleep 100000000") runs as root. Two local sources, both reliable:
+
+  - the **extern slurmstepd itself** (:mod:`cgroups.stepd`, REQUEST_STEP_UID over
+    ``<spool>/<node>_<job>.4294967292``, the source pam_slurm_adopt uses): the socket is in the
+    root-owned spool dir, its listener is checked to run as root (SO_PEERCRED) and the uid
+    comes from the stepd's own job record. Works for a job with only its extern step on this
+    node (salloc + ssh, the main case). Bounded: ``stepd_timeout`` per stepd (0.5 s) and
+    ``stepd_budget`` for the whole listing (2 s); a stepd that fails leaves the owner unknown
+    and adds a note to ``JobList.problems``.
+  - the **real uid of the task processes of the job's other steps**
+    (``job_<J>/step_<S>/user/task_<N>``, S not extern): slurmstepd setuid()s to the job owner
+    before it execs a task, and only root can place processes in those root-owned cgroups,
+    so a process there with real uid U was started by Slurm for the job's owner. A task that
+    runs a setuid program keeps its real uid. Needs no IPC, but exists only for jobs with
+    a running task step on this node.
+
+  ``stepd="fallback"`` (default): task processes first, the stepd when there is none (measured
+  in bench/bench_cgroups.py: the task scan costs ~15 µs per job, a stepd round trip ~60-70 µs
+  against a Python fake and more against the real slurmstepd, which starts a thread per
+  connection). ``stepd="always"``: the stepd only. ``stepd="never"``: task processes only.
+  ``owner_resolver(layout, job_id) -> uid|None`` is consulted last. A job whose owner stays
+  unknown (``Job.uid is None``) is never reported as a given user's.
 """
 import os
 import stat as _stat
+import time as _time
 
 from . import paths as _p
 from .paths import SLURM_EXTERN_CONT
@@ -173,20 +188,60 @@ def v2_owner_from_tasks(job_dir):
     return None
 
 
-def list_jobs(layout, uid=None, *, owner_resolver=None):
+class _StepdAsker:
+    """REQUEST_STEP_UID with a per-call timeout and a budget for the whole listing."""
+
+    __slots__ = ("timeout", "end", "problems", "_query")
+
+    def __init__(self, timeout, budget, problems):
+        self.timeout = timeout
+        self.end = _time.monotonic() + budget
+        self.problems = problems
+        self._query = None
+
+    def uid(self, job_id, spath):
+        if self._query is None:
+            from .stepd import step_uid
+            self._query = step_uid
+        left = self.end - _time.monotonic()
+        if left <= 0:
+            self.problems.append(f"job {job_id}: owner not asked from its stepd ({spath}): "
+                                 f"the listing's stepd budget is spent")
+            return None
+        from .errors import StepdError
+        try:
+            return self._query(spath, min(self.timeout, left))
+        except StepdError as e:
+            self.problems.append(f"job {job_id}: owner unknown: {e}")
+            return None
+
+
+STEPD_MODES = ("fallback", "always", "never")
+
+
+def list_jobs(layout, uid=None, *, owner_resolver=None, stepd="fallback", verify_owner=False,
+              stepd_timeout=0.5, stepd_budget=2.0):
     """Jobs with an extern step on this node, newest first (see :func:`paths.newest`).
 
     ``uid`` keeps only that user's jobs. Each job is cross-checked with the cgroup tree: an
     extern stepd socket whose job has no ``step_extern`` cgroup is left out and explained in
     ``JobList.problems``. Cost: one directory listing of the spool dir plus O(jobs) listings.
-    ``owner_resolver(layout, job_id) -> uid|None`` is consulted on v2 when the task processes
-    do not tell the owner.
+    Owner sources (module docstring): ``stepd`` = "fallback" | "always" | "never" chooses how
+    v2 uses the extern slurmstepd; ``verify_owner`` asks the stepd of every job that would be
+    listed (v1 and v2) and drops a job whose stepd names another uid or cannot be asked.
+    ``stepd_timeout`` bounds one stepd exchange, ``stepd_budget`` all of them together
+    (seconds). ``owner_resolver(layout, job_id) -> uid|None`` is consulted on v2 when nothing
+    else tells the owner.
     """
+    if stepd not in STEPD_MODES:
+        raise ValueError(f"stepd must be one of {STEPD_MODES}, not {stepd!r}")
     socks = extern_socket_names(layout.spool_dir, layout.nodename)
     jobs, problems = [], []
     if not socks:
         return JobList()
     node = layout.nodename
+    asker = _StepdAsker(stepd_timeout, stepd_budget, problems) \
+        if (verify_owner or (stepd != "never" and layout.version == 2)) else None
     if layout.version == 1:
         # Cross-check: the job directory must exist under uid_<U> in the tracking
         # controller (slurmstepd creates job_<J> and its step_extern together; a missing
@@ -213,6 +268,8 @@ def list_jobs(layout, uid=None, *, owner_resolver=None):
                 ctime = _socket_ctime(spath)
                 if ctime is None:
                     continue                      # the job ended meanwhile
+                if verify_owner and not _verified(asker, jid, spath, u, problems):
+                    continue
                 jobs.append(Job(jid, u, ctime, node, spath, layout=layout))
         if uid is None:
             for jid in socks.keys() - seen:
@@ -234,7 +291,11 @@ def list_jobs(layout, uid=None, *, owner_resolver=None):
                     problems.append(f"job {jid}: extern stepd socket present but {jdir}/"
                                     f"step_extern does not exist (stale socket or job ending)")
                 continue
-            owner = v2_owner_from_tasks(jdir)
+            owner = from_stepd = None
+            if stepd != "always":
+                owner = v2_owner_from_tasks(jdir)
+            if owner is None and stepd != "never":
+                owner = from_stepd = asker.uid(jid, spath)
             if owner is None and owner_resolver is not None:
                 owner = owner_resolver(layout, jid)
             if uid is not None and owner != uid:
@@ -242,9 +303,26 @@ def list_jobs(layout, uid=None, *, owner_resolver=None):
             ctime = _socket_ctime(spath)
             if ctime is None:
                 continue
+            if verify_owner and from_stepd is None and \
+                    not _verified(asker, jid, spath, owner, problems):
+                continue
             jobs.append(Job(jid, owner, ctime, node, spath, layout=layout))
     jobs.sort(key=lambda j: (j.start_time, j.job_id), reverse=True)
     return JobList(jobs, problems)
+
+
+def _verified(asker, jid, spath, owner, problems):
+    """Cross-check ``owner`` with the job's extern stepd; False (and a note) if they differ
+    or the stepd cannot be asked."""
+    got = asker.uid(jid, spath)
+    if got is None:
+        problems.append(f"job {jid}: left out: owner {owner} could not be confirmed by its stepd")
+        return False
+    if got != owner:
+        problems.append(f"job {jid}: left out: cgroup says owner {owner}, its stepd "
+                        f"({spath}) says {got}")
+        return False
+    return True
 
 
 def user_jobs(layout, uid, **kw):
