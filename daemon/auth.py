@@ -158,7 +158,9 @@ def _munge_lib(libname: str = DEFAULT_MUNGE_LIB):
                     import cffi
                     ffi = cffi.FFI()
                     ffi.cdef(_CDEF)
-                    lib = ffi.dlopen(libname)
+                    # RTLD_NODELETE: contexts freed by ffi.gc during interpreter shutdown may
+                    # outlive the library object; the code must stay mapped (else: segfault).
+                    lib = ffi.dlopen(libname, ffi.RTLD_NOW | ffi.RTLD_NODELETE)
                     libc = ffi.dlopen(None)
                 except (ImportError, OSError) as e:
                     raise AuthUnavailable("munge-unavailable", f"cannot load {libname}: {e}") from None
