@@ -22,7 +22,9 @@ v2  26.05+ SLUID job dirs (no CgroupJobIdPaths=yes)             paths.JobRef.slu
 step names extern|batch|interactive|<n>|<n>+<het>              paths.split_step
 stepd sockets <spool>/<node>_<job>.<step>[.<het>] (extern = 4294967292, ctime = start)
                                                                 jobs.extern_sockets, paths.parse_stepd_socket_name
-job owner: v1 uid_<U>; v2 task processes' real uid (jobs docstring)  jobs.list_jobs
+job owner: v1 uid_<U>; v2 task processes' real uid, else the extern
+    slurmstepd (REQUEST_STEP_UID on its socket; v1 cross-check: verify_owner=True)
+                                                                jobs.list_jobs; stepd.step_uid
 /proc/PID/cgroup (v1 lines, v2 "0::" line, hybrid)             paths.job_from_proc_cgroup, jobs.job_of_pid
 "newest": latest start, ties -> larger job id (Slurm 26.05)    paths.newest
 adoption: v1 step_extern in every controller but memory; v2 step_extern/user/task_special
@@ -32,13 +34,17 @@ user-level fallback: v1 uid_<U>; v2 configured cgroup           adoption.adopt_u
 Public API (re-exported here)
 -----------------------------
 discover(slurm_conf=..., cgroup_conf=None, nodename=None, mounts=None, **overrides) -> Layout
-list_jobs(layout, uid=None, *, owner_resolver=None) -> JobList[Job];  user_jobs(layout, uid)
+list_jobs(layout, uid=None, *, owner_resolver=None, stepd="fallback"|"always"|"never",
+          verify_owner=False, stepd_timeout=0.5, stepd_budget=2.0) -> JobList[Job]
+user_jobs(layout, uid, **same)
+step_uid(socket_path, timeout=0.5) -> uid;  query_step_uid(...) -> StepReply
 newest(jobs) -> Job | None
 parse_proc_cgroup(text) -> [(id, controllers, path)];  job_from_proc_cgroup(text, node=None)
 job_of_pid(pid, node=None) -> JobRef | None;  iter_job_pids(layout) -> iterator of pids
 adopt(layout, pid, job, *, verify=True) -> [dirs];  adopt_user(layout, pid, uid, *, verify=True)
 Errors: CgroupError > ConfError, LayoutNotFound, JobGone, PidGone, PermissionDenied,
-AdoptionFailed; paths.CgroupParseError.
+AdoptionFailed, StepdError (> StepdUnavailable, StepdTimeout, StepdProtocolError);
+paths.CgroupParseError.
 """
 from .errors import (AdoptionFailed, CgroupError, ConfError, JobGone, LayoutNotFound,
                      PermissionDenied, PidGone, StepdError, StepdProtocolError, StepdTimeout,
