@@ -15,5 +15,5 @@ setup(
     packages=["pam_callerid", "daemon", "cgroups"],
     install_requires=["psutil>=5.9", "pyroute2>=0.7", "cffi>=1.15"],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "python-pam>=2.0"]},
-    entry_points={"console_scripts": ["callerid = daemon.cli:main"]},
+    entry_points={"console_scripts": ["callerid = pam_callerid.cli:main"]},
 )
