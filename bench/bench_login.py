@@ -1,0 +1,95 @@
+"""ssh login latency added by the adoption module: none vs pam_slurm_adopt vs pam_callerid,
+on the same real cluster (tests/testbed), interleaved, medians of N logins per cell.
+
+    /opt/slurm-callerid/bin/python bench/bench_login.py [--rounds 30]     (as root)
+
+Paths (alice's jobs: B on node1+node2, A on node2 only):
+  one job           login node -> node1 (only B there: no RPC)
+  several, unknown  login node -> node2 (2 jobs; the source is outside any job -> newest)
+  several, callerid inside B on node1 -> node2 (2 jobs; the caller-ID lookup names B)
+Each round runs every path under every configuration, switching the node sshds' PAM stack
+between measurements (sshd reads it per connection). The wall time is the ssh client's alone,
+measured where it runs. pam_callerid runs with its daemon on every node and the login node
+(munge authentication), as in production.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.scenarios import use_pam_callerid  # noqa: E402
+from tests.testbed.cluster import Cluster  # noqa: E402
+
+CONFIGS = ["none", "pam_slurm_adopt", "pam_callerid"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=30)
+    args = ap.parse_args(argv)
+    c = Cluster(nodes=3)
+    c.up()
+    try:
+        use_pam_callerid(c, rpc_timeout=1)
+        ours = {n: c._pam[n] for n in c.nodes}
+        b = c.sbatch("alice", nodes=["node1", "node2"])
+        time.sleep(1.1)
+        a = c.sbatch("alice", nodes=["node2"])
+
+        def configure(cfg):
+            if cfg == "none":
+                c.use_no_adoption()
+            elif cfg == "pam_slurm_adopt":
+                c.use_pam_slurm_adopt()
+            else:
+                for n, (acct, sess) in ours.items():
+                    c.set_pam(n, acct, sess)
+
+        paths = {
+            "one job": lambda: c.ssh("alice", "login", "node1", "cat /proc/self/cgroup"),
+            "several, unknown": lambda: c.ssh("alice", "login", "node2", "cat /proc/self/cgroup"),
+            "several, callerid": lambda: c.ssh("alice", "node1", "node2", "cat /proc/self/cgroup", job=b),
+        }
+        expect = {"one job": f"job_{b}/step_extern", "several, unknown": f"job_{a}/step_extern",
+                  "several, callerid": f"job_{b}/step_extern"}
+        t = {(p, cfg): [] for p in paths for cfg in CONFIGS}
+        wrong = {k: 0 for k in t}
+        for _ in range(2):  # warm-up (page cache, first munge credential)
+            for cfg in CONFIGS:
+                configure(cfg)
+                for fn in paths.values():
+                    fn()
+        t0 = time.monotonic()
+        for _ in range(args.rounds):
+            for cfg in CONFIGS:
+                configure(cfg)
+                for p, fn in paths.items():
+                    r = fn()
+                    if r.rc != 0:
+                        raise SystemExit(f"{cfg} {p}: ssh failed: {r.err}")
+                    t[(p, cfg)].append(r.seconds * 1000)
+                    if cfg != "none" and expect[p] not in r.out:
+                        wrong[(p, cfg)] += 1
+        took = time.monotonic() - t0
+        print(f"\nssh login latency, medians of {args.rounds} interleaved logins per cell (ms), "
+              f"{len(t) * args.rounds} logins in {took:.0f} s; Δ = added over no adoption module")
+        print(f"{'path':20s} {'none':>8s} {'pam_slurm_adopt':>22s} {'pam_callerid':>22s}   wrong job (psa/ours)")
+        for p in paths:
+            base = statistics.median(t[(p, "none")])
+            cells = []
+            for cfg in CONFIGS[1:]:
+                m = statistics.median(t[(p, cfg)])
+                cells.append(f"{m:8.1f} (Δ {m - base:+6.1f})")
+            print(f"{p:20s} {base:8.1f} {cells[0]:>22s} {cells[1]:>22s}   "
+                  f"{wrong[(p, 'pam_slurm_adopt')]}/{wrong[(p, 'pam_callerid')]}")
+        c.cancel_all()
+    finally:
+        c.down()
+
+
+if __name__ == "__main__":
+    main()
