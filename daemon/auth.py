@@ -9,15 +9,19 @@ auth length, plus the body) and yield the sender's uid:
   The key file is root-only, so whoever holds the key is root: the sender uid is 0.  Replays
   are caught by the server's nonce cache and timestamp window (see server.ReplayCache).
 
-libmunge is loaded lazily (cffi ABI mode) on first use, so importing this module is cheap.
+libmunge is loaded lazily (cffi ABI mode) on first use, so importing this module is cheap:
+the PAM hook imports it at every login, so no hashlib/hmac (they load OpenSSL, ~4 ms) and no
+threading here.  HMAC-SHA256 is computed with the built-in _sha256 (RFC 2104; checked against
+the stdlib hmac module by the tests) and compared with _operator._compare_digest, which is
+what hmac.compare_digest falls back to (constant time).
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import stat
-import threading
+from _operator import _compare_digest as compare_digest
+from _sha256 import sha256 as _sha256
+from _thread import _local as _thread_local, allocate_lock as _allocate_lock
 
 from . import protocol as P
 
@@ -94,6 +98,31 @@ def write_key(path: str, nbytes: int = 32, *, force: bool = False) -> None:
         os.close(fd)
 
 
+_BLOCK = 64                                        # SHA-256 block size
+_TRANS_5C = bytes(x ^ 0x5C for x in range(256))
+_TRANS_36 = bytes(x ^ 0x36 for x in range(256))
+
+
+class _HmacSha256:
+    """HMAC-SHA256 (RFC 2104) keyed once: mac(msg) == hmac.new(key, msg, sha256).digest()."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes):
+        if len(key) > _BLOCK:
+            key = _sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self._inner = _sha256(key.translate(_TRANS_36))
+        self._outer = _sha256(key.translate(_TRANS_5C))
+
+    def mac(self, msg: bytes) -> bytes:
+        h = self._inner.copy()
+        h.update(msg)
+        o = self._outer.copy()
+        o.update(h.digest())
+        return o.digest()
+
+
 class HmacAuth:
     scheme = P.AUTH_HMAC
     name = "hmac"
@@ -102,17 +131,18 @@ class HmacAuth:
         if len(key) < MIN_KEY_BYTES:
             raise AuthError("bad-key", "key too short")
         self._key = key
+        self._mac = _HmacSha256(key).mac
 
     @classmethod
     def from_file(cls, path: str, **kw) -> "HmacAuth":
         return cls(load_key(path, **kw))
 
     def sign(self, ftype: int, signed: bytes) -> bytes:
-        return hmac.new(self._key, _label(ftype) + signed, hashlib.sha256).digest()
+        return self._mac(_label(ftype) + signed)
 
     def verify(self, ftype: int, signed: bytes, blob: bytes) -> int:
-        want = hmac.new(self._key, _label(ftype) + signed, hashlib.sha256).digest()
-        if not hmac.compare_digest(want, blob):
+        want = self._mac(_label(ftype) + signed)
+        if not compare_digest(want, blob):
             raise AuthError("bad-mac")
         return 0
 
@@ -145,7 +175,7 @@ _MUNGE_REASONS = {
     18: "unauthorized",
 }
 
-_lib_lock = threading.Lock()
+_lib_lock = _allocate_lock()          # = threading.Lock()
 _lib = None
 
 
@@ -155,9 +185,7 @@ def _munge_lib(libname: str = DEFAULT_MUNGE_LIB):
         with _lib_lock:
             if _lib is None:
                 try:
-                    import cffi
-                    ffi = cffi.FFI()
-                    ffi.cdef(_CDEF)
+                    ffi = _munge_ffi()
                     # RTLD_NODELETE: contexts freed by ffi.gc during interpreter shutdown may
                     # outlive the library object; the code must stay mapped (else: segfault).
                     lib = ffi.dlopen(libname, ffi.RTLD_NOW | ffi.RTLD_NODELETE)
@@ -175,7 +203,7 @@ class MungeAuth:
     def __init__(self, socket_path: str | None = None, ttl: int | None = None):
         self.socket_path = socket_path
         self.ttl = ttl
-        self._local = threading.local()
+        self._local = _thread_local()     # = threading.local()
         _munge_lib()  # fail early and clearly if libmunge is missing
 
     def _ctx(self):
@@ -242,7 +270,7 @@ class MungeAuth:
             reason = _MUNGE_REASONS.get(e, "bad-credential")
             cls = AuthUnavailable if reason == "munge-unavailable" else AuthError
             raise cls(reason, self._err(ctx, e))
-        if not hmac.compare_digest(payload, signed):
+        if not compare_digest(payload, signed):
             raise AuthError("payload-mismatch", "credential does not cover this frame")
         return int(uid[0])
 

@@ -1,6 +1,7 @@
-"""Caller-ID client.  Used by the PAM module on every ssh login: minimal imports (stdlib socket
-and struct; cffi/libmunge only when a MungeAuth is built), one total wall-clock deadline, and
-no exception for network trouble: every outcome is a typed `Answer`.
+"""Caller-ID client.  Used by the PAM module on every ssh login: minimal imports (the C
+modules _socket and _struct; no socket, enum, dataclasses or ipaddress; cffi/libmunge only
+when a MungeAuth is built), one total wall-clock deadline, and no exception for network
+trouble: every outcome is a typed `Answer`.
 
     from daemon.client import query, auth_from_config
     ans = query("10.0.0.5", 6820, ("10.0.0.5", 40022), ("10.0.0.7", 22),
@@ -9,9 +10,9 @@ no exception for network trouble: every outcome is a typed `Answer`.
 """
 from __future__ import annotations
 
-import socket
 import time
-from dataclasses import dataclass
+
+import _socket
 
 from . import protocol as P
 
@@ -28,14 +29,20 @@ _STATUS_OUTCOME = {P.STATUS_FOUND: FOUND, P.STATUS_UNKNOWN: UNKNOWN,
                    P.STATUS_REFUSED: REFUSED, P.STATUS_ERROR: ERROR}
 
 
-@dataclass(frozen=True)
-class Answer:
-    outcome: str
-    job_id: int | None = None
-    job_uid: int | None = None
-    node: str | None = None
-    detail: str = ""
-    elapsed_ms: float = 0.0
+class Answer(P._Frozen):
+    """Immutable; equality, hash and repr over the fields (like a frozen dataclass)."""
+
+    __slots__ = ("outcome", "job_id", "job_uid", "node", "detail", "elapsed_ms")
+
+    def __init__(self, outcome: str, job_id: int | None = None, job_uid: int | None = None,
+                 node: str | None = None, detail: str = "", elapsed_ms: float = 0.0):
+        _set = P._set
+        _set(self, "outcome", outcome)
+        _set(self, "job_id", job_id)
+        _set(self, "job_uid", job_uid)
+        _set(self, "node", node)
+        _set(self, "detail", detail)
+        _set(self, "elapsed_ms", elapsed_ms)
 
     @property
     def found(self) -> bool:
@@ -85,7 +92,7 @@ def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: 
         if request is None:
             sa, sp = parse_endpoint(src)
             da, dp = parse_endpoint(dst)
-            request = P.Request.make(sa, sp, da, dp, proto)
+            request = P.pack_request(sa, sp, da, dp, proto)   # = Request.make, no ipaddress
         frame = _seal(request, auth)
     except (ValueError, KeyError) as e:
         return done(LOCAL_ERROR, f"bad request: {e}")
@@ -93,8 +100,8 @@ def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: 
         return done(LOCAL_ERROR, f"cannot sign request: {e}")
 
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_NUMERICSERV)
+        infos = _socket.getaddrinfo(_host_arg(host), port, 0, _socket.SOCK_STREAM, 0,
+                                    _socket.AI_NUMERICSERV)
     except (OSError, UnicodeError) as e:
         return done(UNREACHABLE, f"resolve {host}: {e}")
     last = "no address"
@@ -103,7 +110,7 @@ def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: 
         if remaining <= 0:
             return done(UNREACHABLE, f"timeout ({last})")
         try:
-            s = socket.socket(fam, st | socket.SOCK_CLOEXEC, pr)
+            s = _socket.socket(fam, st | _socket.SOCK_CLOEXEC, pr)
         except OSError as e:
             last = str(e)
             continue
@@ -118,6 +125,20 @@ def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: 
         finally:
             s.close()
     return done(UNREACHABLE, last)
+
+
+def _host_arg(host):
+    """An IP literal goes to getaddrinfo as bytes: a str is IDNA-encoded there, which imports
+    encodings.idna (re, stringprep, unicodedata: ~5 ms at every login), and for an IP literal
+    that encoding is the identity.  Names stay str (IDNA as before)."""
+    if isinstance(host, str) and host.isascii():
+        for fam in (_socket.AF_INET, _socket.AF_INET6):
+            try:
+                _socket.inet_pton(fam, host)
+            except (OSError, ValueError):
+                continue
+            return host.encode("ascii")
+    return host
 
 
 def _seal(request, auth) -> bytes:
@@ -139,7 +160,7 @@ def _exchange(s, frame, request, auth, deadline, trusted_uids, done) -> Answer:
         s.settimeout(remaining)
         try:
             data = s.recv(P.MAX_FRAME)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:                 # = socket.timeout
             return done(UNREACHABLE, "timeout waiting for reply")
         except OSError as e:
             return done(UNREACHABLE, f"recv: {e}")

@@ -8,7 +8,6 @@ file) they are collected in Config.unknown_keys and the daemon logs a warning fo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
 
 DEFAULT_PATH = "/etc/slurm/callerid.conf"
 DEFAULT_PORT = 6820
@@ -32,32 +31,66 @@ def _list(v: str) -> list[str]:
     return [x.strip() for x in v.split(",") if x.strip()]
 
 
-@dataclass
+# (attribute, default); a list default is copied for every Config
+_FIELDS = (
+    ("port", DEFAULT_PORT),
+    ("listen_addresses", ["::", "0.0.0.0"]),
+    ("auth_type", "munge"),
+    ("key_file", DEFAULT_KEY_FILE),
+    ("munge_socket", None),
+    ("munge_ttl", None),
+    ("slurm_user", "slurm"),
+    ("reply_user", "root"),
+    ("node_name", None),
+    ("scan_all_processes", True),
+    ("sock_diag", "netlink"),
+    ("cgroup_roots", []),
+    ("slurm_conf", "/etc/slurm/slurm.conf"),
+    ("max_connections", 256),
+    ("rate_limit", 50.0),
+    ("rate_burst", 100),
+    ("read_timeout", 2.0),
+    ("connection_timeout", 5.0),
+    ("max_clock_skew", 60.0),
+    ("workers", 4),
+    ("log_level", "info"),
+    ("query_timeout", 2.0),
+    ("source", "<defaults>"),
+    ("unknown_keys", []),
+)
+_NAMES = tuple(n for n, _ in _FIELDS)
+
+
 class Config:
-    port: int = DEFAULT_PORT
-    listen_addresses: list[str] = field(default_factory=lambda: ["::", "0.0.0.0"])
-    auth_type: str = "munge"
-    key_file: str = DEFAULT_KEY_FILE
-    munge_socket: str | None = None
-    munge_ttl: int | None = None
-    slurm_user: str = "slurm"
-    reply_user: str = "root"
-    node_name: str | None = None
-    scan_all_processes: bool = True
-    sock_diag: str = "netlink"
-    cgroup_roots: list[str] = field(default_factory=list)
-    slurm_conf: str = "/etc/slurm/slurm.conf"
-    max_connections: int = 256
-    rate_limit: float = 50.0
-    rate_burst: int = 100
-    read_timeout: float = 2.0
-    connection_timeout: float = 5.0
-    max_clock_skew: float = 60.0
-    workers: int = 4
-    log_level: str = "info"
-    query_timeout: float = 2.0
-    source: str = "<defaults>"
-    unknown_keys: list[str] = field(default_factory=list)
+    """The settings (attributes named as in _FIELDS).  A plain class, not a dataclass (the
+    PAM hook imports this module at logins): Config(**fields) or positionally in _FIELDS
+    order; equality and repr over the fields."""
+
+    __hash__ = None       # mutable, compared by value
+
+    def __init__(self, *args, **kw):
+        if len(args) > len(_FIELDS):
+            raise TypeError(f"Config() takes at most {len(_FIELDS)} positional arguments")
+        for (name, _), v in zip(_FIELDS, args):
+            if name in kw:
+                raise TypeError(f"Config() got multiple values for argument {name!r}")
+            kw[name] = v
+        for name, default in _FIELDS:
+            v = kw.pop(name, default)
+            if v is default and type(v) is list:
+                v = list(v)
+            setattr(self, name, v)
+        if kw:
+            raise TypeError(f"Config() got an unexpected keyword argument {next(iter(kw))!r}")
+
+    def __eq__(self, other):
+        if other.__class__ is self.__class__:
+            return tuple(getattr(self, n) for n in _NAMES) == \
+                tuple(getattr(other, n) for n in _NAMES)
+        return NotImplemented
+
+    def __repr__(self):
+        return "Config(%s)" % ", ".join(f"{n}={getattr(self, n)!r}" for n in _NAMES)
 
     def slurm_uid(self) -> int | None:
         return _uid_of(self.slurm_user)
@@ -201,4 +234,4 @@ def load_config(path: str | None = None, *, required: bool = False, strict: bool
 
 
 def config_field_names() -> list[str]:
-    return [f.name for f in fields(Config)]
+    return list(_NAMES)

@@ -34,11 +34,13 @@ Reply body (35 + n bytes, n <= 64)::
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import struct
 import time
-from dataclasses import dataclass, field
+
+# Login path: the PAM hook imports this module at every ssh login, so no dataclasses, enum,
+# ipaddress or socket here at import time (ipaddress is imported where addresses are parsed
+# into objects; the client packs its request with pack_request(), which needs none of them).
 
 MAGIC = b"CLID"
 VERSION = 1
@@ -87,13 +89,50 @@ class ProtocolError(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True)
-class Frame:
-    type: int
-    auth: int
-    body: bytes
-    auth_blob: bytes
-    version: int = VERSION
+class _Frozen:
+    """Plain immutable record: __init__ sets ``__slots__`` (the fields, in order) once;
+    equality, hash and repr over them, like a frozen dataclass."""
+
+    __slots__ = ()
+
+    def _values(self):
+        return tuple(getattr(self, n) for n in self.__slots__)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other):
+        if other.__class__ is self.__class__:
+            return self._values() == other._values()
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(self._values())
+
+    def __reduce__(self):           # copy / pickle
+        return type(self), self._values()
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__qualname__,
+                           ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__))
+
+
+_set = object.__setattr__
+
+
+class Frame(_Frozen):
+    __slots__ = ("type", "auth", "body", "auth_blob", "version")
+
+    def __init__(self, type: int, auth: int, body: bytes, auth_blob: bytes,
+                 version: int = VERSION):
+        _set(self, "type", type)
+        _set(self, "auth", auth)
+        _set(self, "body", body)
+        _set(self, "auth_blob", auth_blob)
+        _set(self, "version", version)
 
     @property
     def signed_bytes(self) -> bytes:
@@ -220,6 +259,7 @@ class FrameDecoder:
 
 def normalise_addr(addr) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """Parse an address; IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes plain IPv4."""
+    import ipaddress
     if isinstance(addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         ip = addr
     else:
@@ -234,11 +274,37 @@ def normalise_addr(addr) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def pack_addr_text(addr) -> tuple[int, bytes]:
+    """Like normalise_addr() followed by packing, without ipaddress: a textual address ->
+    (family 4|6, 16 wire bytes: IPv4 = 4 address bytes then 12 zero bytes).  Accepts and
+    rejects the same strings as normalise_addr() (same ValueError messages)."""
+    from _socket import AF_INET, AF_INET6, inet_pton
+    s = str(addr).strip()
+    if s.startswith("[") and s.endswith("]"):
+        s = s[1:-1]
+    if "%" in s:
+        raise ValueError(f"scoped IPv6 address not supported: {addr!r}")
+    try:
+        if ":" in s:
+            raw = inet_pton(AF_INET6, s)
+            if raw[:12] == _V4_MAPPED:
+                return 4, raw[12:] + bytes(12)
+            return 6, raw
+        return 4, inet_pton(AF_INET, s) + bytes(12)
+    except (OSError, ValueError):   # OSError: not an address; ValueError: NUL in the string
+        pass
+    raise ValueError(f"{s!r} does not appear to be an IPv4 or IPv6 address")
+
+
 def _pack_addr(ip) -> bytes:
     return ip.packed if ip.version == 6 else ip.packed + bytes(12)
 
 
 def _unpack_addr(family: int, raw: bytes):
+    import ipaddress
     if family == 4:
         if any(raw[4:]):
             raise ProtocolError("bad-address", "IPv4 address padding not zero")
@@ -250,15 +316,41 @@ def _unpack_addr(family: int, raw: bytes):
 # Messages
 
 
-@dataclass(frozen=True)
-class Request:
-    src: ipaddress.IPv4Address | ipaddress.IPv6Address
-    src_port: int
-    dst: ipaddress.IPv4Address | ipaddress.IPv6Address
-    dst_port: int
-    proto: int = PROTO_TCP
-    nonce: bytes = field(default_factory=lambda: os.urandom(NONCE_SIZE))
-    timestamp_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+def _new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+_DEFAULT = object()
+
+
+def _check_request_args(src_port, dst_port, proto) -> int:
+    """Request.make's checks of ports and protocol; the protocol number."""
+    if isinstance(proto, str):
+        proto = {"tcp": PROTO_TCP, "udp": PROTO_UDP}[proto.lower()]
+    for p in (src_port, dst_port):
+        if not (0 < int(p) < 65536):
+            raise ValueError(f"bad port {p}")
+    return int(proto)
+
+
+class Request(_Frozen):
+    """src/dst: ipaddress.IPv4Address | IPv6Address (the same family)."""
+
+    __slots__ = ("src", "src_port", "dst", "dst_port", "proto", "nonce", "timestamp_ms")
+
+    def __init__(self, src, src_port: int, dst, dst_port: int, proto: int = PROTO_TCP,
+                 nonce: bytes = _DEFAULT, timestamp_ms: int = _DEFAULT):
+        _set(self, "src", src)
+        _set(self, "src_port", src_port)
+        _set(self, "dst", dst)
+        _set(self, "dst_port", dst_port)
+        _set(self, "proto", proto)
+        _set(self, "nonce", _new_nonce() if nonce is _DEFAULT else nonce)
+        _set(self, "timestamp_ms", _now_ms() if timestamp_ms is _DEFAULT else timestamp_ms)
 
     @property
     def family(self) -> int:
@@ -271,17 +363,13 @@ class Request:
         d = normalise_addr(dst)
         if s.version != d.version:
             raise ValueError("source and destination address families differ")
-        if isinstance(proto, str):
-            proto = {"tcp": PROTO_TCP, "udp": PROTO_UDP}[proto.lower()]
-        for p in (src_port, dst_port):
-            if not (0 < int(p) < 65536):
-                raise ValueError(f"bad port {p}")
+        proto = _check_request_args(src_port, dst_port, proto)
         kw = {}
         if nonce is not None:
             kw["nonce"] = nonce
         if timestamp_ms is not None:
             kw["timestamp_ms"] = timestamp_ms
-        r = cls(s, int(src_port), d, int(dst_port), int(proto), **kw)
+        r = cls(s, int(src_port), d, int(dst_port), proto, **kw)
         r.validate()
         return r
 
@@ -319,14 +407,63 @@ class Request:
         return f"{PROTO_NAMES[self.proto]} {ep(self.src, self.src_port)} -> {ep(self.dst, self.dst_port)}"
 
 
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    nonce: bytes
-    job_id: int = NO_JOB
-    job_uid: int = NO_UID
-    node: str = ""
-    timestamp_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+class PackedRequest:
+    """What the client sends: a request already in wire form (see pack_request); has the
+    ``nonce``, ``timestamp_ms``, ``encode_body()`` and ``describe()`` of a Request, built
+    without ipaddress.  ``Request.decode_body(p.encode_body())`` gives the full Request."""
+
+    __slots__ = ("family", "proto", "src_port", "dst_port", "src_packed", "dst_packed",
+                 "nonce", "timestamp_ms")
+
+    def __init__(self, family, proto, src_port, dst_port, src_packed, dst_packed, nonce,
+                 timestamp_ms):
+        self.family, self.proto = family, proto
+        self.src_port, self.dst_port = src_port, dst_port
+        self.src_packed, self.dst_packed = src_packed, dst_packed
+        self.nonce, self.timestamp_ms = nonce, timestamp_ms
+
+    def encode_body(self) -> bytes:
+        return REQUEST_BODY.pack(self.family, self.proto, self.src_port, self.dst_port,
+                                 self.src_packed, self.dst_packed, self.nonce,
+                                 self.timestamp_ms)
+
+    def describe(self) -> str:
+        return Request.decode_body(self.encode_body()).describe()
+
+    def __repr__(self):
+        return "PackedRequest(%s)" % self.describe()
+
+
+def pack_request(src, src_port: int, dst, dst_port: int, proto: int | str = PROTO_TCP,
+                 nonce: bytes | None = None, timestamp_ms: int | None = None) -> PackedRequest:
+    """Request.make() for textual addresses, without ipaddress (the login path): same checks,
+    same errors, same body bytes."""
+    fs, s = pack_addr_text(src)
+    fd, d = pack_addr_text(dst)
+    if fs != fd:
+        raise ValueError("source and destination address families differ")
+    proto = _check_request_args(src_port, dst_port, proto)
+    r = PackedRequest(fs, proto, int(src_port), int(dst_port), s, d,
+                      _new_nonce() if nonce is None else nonce,
+                      _now_ms() if timestamp_ms is None else timestamp_ms)
+    if r.proto not in PROTO_NAMES:
+        raise ValueError("bad protocol")
+    if len(r.nonce) != NONCE_SIZE:
+        raise ValueError("bad nonce")
+    return r
+
+
+class Reply(_Frozen):
+    __slots__ = ("status", "nonce", "job_id", "job_uid", "node", "timestamp_ms")
+
+    def __init__(self, status: int, nonce: bytes, job_id: int = NO_JOB, job_uid: int = NO_UID,
+                 node: str = "", timestamp_ms: int = _DEFAULT):
+        _set(self, "status", status)
+        _set(self, "nonce", nonce)
+        _set(self, "job_id", job_id)
+        _set(self, "job_uid", job_uid)
+        _set(self, "node", node)
+        _set(self, "timestamp_ms", _now_ms() if timestamp_ms is _DEFAULT else timestamp_ms)
 
     @property
     def status_name(self) -> str:

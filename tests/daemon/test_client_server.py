@@ -406,3 +406,27 @@ def test_client_import_is_light():
     r = subprocess.run([PY, "-I", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# What the PAM hook's multi-job path imports at every ssh login (isolated, no site): none of
+# these heavy stdlib modules may come with it.
+LOGIN_PATH = ("pam_callerid.hook", "pam_callerid.backend", "cgroups", "cgroups.jobs",
+              "cgroups.layout", "cgroups.conf", "cgroups.adoption", "daemon.client",
+              "daemon.config", "daemon.auth", "daemon.wire", "daemon.protocol")
+HEAVY = ("dataclasses", "enum", "socket", "selectors", "ipaddress", "re", "inspect", "typing",
+         "json", "hmac", "hashlib", "_hashlib", "threading", "ast", "collections", "functools",
+         "importlib", "weakref", "cffi", "asyncio", "logging")
+
+
+def test_login_path_imports_are_light():
+    code = ("import sys; sys.path.insert(0, %r); before = set(sys.modules); "
+            "[__import__(m) for m in %r]; "
+            "from daemon import client, protocol as P; from daemon.auth import HmacAuth; "
+            "a = client.query('127.0.0.1', 1, '127.0.0.1:40000', '127.0.0.1:22', "
+            "auth=HmacAuth(bytes(32)), timeout=0.5); "
+            "assert a.outcome == client.UNREACHABLE, a; "
+            "P.Reply.decode_body(P.Reply(P.STATUS_UNKNOWN, bytes(16)).encode_body()); "
+            "bad = sorted(m for m in set(sys.modules) - before if m.split('.')[0] in %r); "
+            "print(bad); sys.exit(1 if bad else 0)") % (str(ROOT), LOGIN_PATH, HEAVY)
+    r = subprocess.run([PY, "-I", "-S", "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

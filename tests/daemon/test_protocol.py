@@ -222,3 +222,110 @@ def test_reply_node_name_checks():
     body = P.Reply(P.STATUS_FOUND, n, 0).encode_body()
     with pytest.raises(P.ProtocolError):
         P.Reply.decode_body(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# The login path's light variants must match the full ones exactly.
+
+def _make_or_error(fn, *a):
+    try:
+        r = fn(*a, nonce=bytes(range(16)), timestamp_ms=123)
+    except (ValueError, KeyError) as e:
+        return type(e), str(e)
+    return r.encode_body()
+
+
+_ADDR_EDGE = ["10.0.0.1", " 10.0.0.1 ", "[10.0.0.1]", "010.0.0.1", "10.0.0", "10.0.0.1.2",
+              "256.0.0.1", "1.2.3.4:5", "", " ", "::", "::1", "[::1]", "fd00::1", "FD00::1",
+              "::ffff:10.1.2.3", "[::ffff:10.1.2.3]", "::10.1.2.3", "::ffff:010.1.2.3",
+              "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8:9", "1:2:3:4:5:6:7::", "::1:2:3:4:5:6:7",
+              "12345::1", "fe80::1%eth0", "a\0b", "١.2.3.4", "x.example", ":::", "1::2::3",
+              "::ffff:1.2.3.4.5", "0.0.0.0", "255.255.255.255", "1.2.3.04"]
+
+
+@pytest.mark.parametrize("addr", _ADDR_EDGE)
+def test_pack_request_matches_make_edge(addr):
+    for other in ("10.0.0.2", "fd00::2"):
+        assert _make_or_error(P.pack_request, addr, 4000, other, 22) == \
+            _make_or_error(P.Request.make, addr, 4000, other, 22)
+        assert _make_or_error(P.pack_request, other, 4000, addr, 22, "udp") == \
+            _make_or_error(P.Request.make, other, 4000, addr, 22, "udp")
+
+
+@given(st.one_of(v4.map(str), v6.map(str), v4.map(lambda a: "::ffff:%s" % a),
+                 st.text(alphabet="0123456789abcdefABCDEF:.[] %", max_size=45)),
+       st.integers(-2, 70000), st.sampled_from(["tcp", "UDP", "sctp", 6, 17, 1]))
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_pack_request_matches_make(addr, port, proto):
+    for other in ("10.9.8.7", "fd00::7"):
+        assert _make_or_error(P.pack_request, addr, port, other, 22, proto) == \
+            _make_or_error(P.Request.make, addr, port, other, 22, proto)
+
+
+def test_packed_request_round_trip():
+    p = P.pack_request("::ffff:10.1.2.3", 5000, "10.1.2.4", 22)
+    full = P.Request.decode_body(p.encode_body())
+    assert full.nonce == p.nonce and str(full.src) == "10.1.2.3" and full.dst_port == 22
+    assert p.describe() == full.describe() == "tcp 10.1.2.3:5000 -> 10.1.2.4:22"
+    got, uid = wire.open_request(P.decode_frame(wire.seal_request(p, AUTH)), AUTH)
+    assert got == full and uid == 0
+
+
+@given(st.binary(min_size=0, max_size=200), st.binary(max_size=300))
+def test_hmac_sha256_matches_stdlib(key, msg):
+    import hashlib
+    import hmac
+    from daemon.auth import _HmacSha256
+    assert _HmacSha256(key).mac(msg) == hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def test_hmac_rfc4231_case_2():
+    from daemon.auth import _HmacSha256
+    assert _HmacSha256(b"Jefe").mac(b"what do ya want for nothing?").hex() == \
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+
+
+def test_records_behave_like_frozen_dataclasses():
+    import copy
+    import pickle
+    from daemon.client import Answer
+    a = P.Request.make("10.0.0.1", 4000, "10.0.0.2", 22, nonce=bytes(16), timestamp_ms=5)
+    b = P.Request.make("10.0.0.1", 4000, "10.0.0.2", 22, nonce=bytes(16), timestamp_ms=5)
+    assert a == b and hash(a) == hash(b) and a != P.Request.make("10.0.0.1", 4001, "10.0.0.2", 22)
+    assert repr(a) == ("Request(src=IPv4Address('10.0.0.1'), src_port=4000, "
+                       "dst=IPv4Address('10.0.0.2'), dst_port=22, proto=6, nonce=%r, "
+                       "timestamp_ms=5)" % bytes(16))
+    with pytest.raises(AttributeError):
+        a.src_port = 1
+    assert copy.copy(a) == a and pickle.loads(pickle.dumps(a)) == a
+    r = P.Reply(P.STATUS_FOUND, bytes(16), 7, 1000, "n1", 9)
+    assert r == P.Reply(P.STATUS_FOUND, bytes(16), 7, 1000, "n1", 9) and r.status_name == "found"
+    assert repr(r) == ("Reply(status=1, nonce=%r, job_id=7, job_uid=1000, node='n1', "
+                       "timestamp_ms=9)" % bytes(16))
+    assert P.Reply(P.STATUS_UNKNOWN, bytes(16)).job_uid == P.NO_UID
+    f = P.Frame(1, 2, b"b", b"a")
+    assert f.version == P.VERSION and f == P.Frame(1, 2, b"b", b"a", P.VERSION)
+    ans = Answer("found", 7, 1000, "n1", "", 1.5)
+    assert ans.found and ans == Answer("found", 7, 1000, "n1", elapsed_ms=1.5)
+    assert repr(ans) == ("Answer(outcome='found', job_id=7, job_uid=1000, node='n1', detail='', "
+                         "elapsed_ms=1.5)")
+    assert not Answer("unknown").found and Answer("unknown").job_id is None
+    with pytest.raises(AttributeError):
+        ans.outcome = "x"
+    assert a != ans and (a == 1) is False
+
+
+def test_config_is_a_plain_record():
+    from daemon.config import Config, config_field_names
+    c = Config(port=1, listen_addresses=["127.0.0.1"])
+    assert c.port == 1 and c.auth_type == "munge" and c.unknown_keys == []
+    assert Config() == Config() and Config() != c
+    assert Config().listen_addresses is not Config().listen_addresses
+    assert Config().cgroup_roots is not Config().cgroup_roots
+    assert config_field_names()[:3] == ["port", "listen_addresses", "auth_type"]
+    assert config_field_names()[-1] == "unknown_keys" and len(config_field_names()) == 24
+    assert repr(Config()).startswith("Config(port=6820, listen_addresses=['::', '0.0.0.0'], ")
+    with pytest.raises(TypeError):
+        Config(nope=1)
+    with pytest.raises(TypeError):
+        hash(Config())
