@@ -175,6 +175,29 @@ _MUNGE_REASONS = {
     18: "unauthorized",
 }
 
+def _munge_ffi():
+    """The cffi FFI describing libmunge. From the pre-generated out-of-line ABI module
+    (daemon/_munge_cffi.py, made by generate_abi_module()) when it loads: parsing _CDEF with
+    pycparser at run time costs ~50 ms, paid by every ssh login on the caller-ID path."""
+    try:
+        from ._munge_cffi import ffi
+        return ffi
+    except Exception:  # missing or made by another cffi version: parse the declarations
+        import cffi
+        ffi = cffi.FFI()
+        ffi.cdef(_CDEF)
+        return ffi
+
+
+def generate_abi_module(outdir: str) -> str:
+    """Write _munge_cffi.py (out-of-line ABI mode: no C compiler, no pycparser at run time)."""
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef(_CDEF)
+    ffi.set_source("_munge_cffi", None)
+    return ffi.compile(tmpdir=outdir)
+
+
 _lib_lock = _allocate_lock()          # = threading.Lock()
 _lib = None
 
