@@ -70,7 +70,9 @@ def __getattr__(name):
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'cgroups' has no attribute {name!r}")
-    import importlib
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    import sys                                  # no importlib package at login
+    full = f"{__name__}.{mod}"
+    __import__(full)
+    value = getattr(sys.modules[full], name)
     globals()[name] = value
     return value

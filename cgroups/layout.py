@@ -158,8 +158,8 @@ def resolve_nodename(conf, short, full=None, explicit=None, env=None):
 
 
 def _hostnames():
-    import socket
-    full = socket.gethostname()
+    from _socket import gethostname     # = socket.gethostname, without socket's enum/selectors
+    full = gethostname()
     return full.split(".")[0], full
 
 
