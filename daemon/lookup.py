@@ -7,9 +7,10 @@ remote end is the request's destination.
 1. socket: NETLINK_SOCK_DIAG exact-tuple lookup (no dump; the kernel hashes straight to the
    socket), falling back to parsing /proc/net/{tcp,udp}{,6}.  IPv4 tuples are also tried as
    IPv4-mapped IPv6 (a dual-stack AF_INET6 socket talking IPv4).
-2. pid holding the inode: pids in Slurm job cgroups first, then processes of the socket's
-   owner uid, then (if configured) every process; in the last two stages only processes
-   that are in a job get their fds scanned.  Processes vanishing mid-scan are skipped.
+2. pid holding the inode: pids in Slurm job cgroups first, then every process of the socket's
+   owner uid (a holder found there outside any job ends the search: "unknown"), then (if
+   configured) every process, where only processes in a job get their fds scanned.
+   Processes vanishing mid-scan are skipped.
 3. pid -> job through daemon.jobs (cgroups/ package).
 """
 from __future__ import annotations
@@ -378,19 +379,27 @@ class Lookup:
                 job = self.jobs.job_of_pid(pid)
                 if job is not None:
                     return pid, "job", job
-        stages = []
         if uid >= 0:
-            stages.append(("uid", pids_of_uid(uid, self.proc)))
+            # The socket owner's own processes: scan their fds whether in a job or not. Finding
+            # the holder outside any job is a definitive "unknown" (typically an ssh client on
+            # a login node), so the full /proc pass below is not paid for it.
+            for pid in pids_of_uid(uid, self.proc):
+                if pid in seen:
+                    continue
+                seen.add(pid)
+                if pid_has_inode(pid, target, self.proc):
+                    job = self.jobs.job_of_pid(pid)
+                    if job is not None:
+                        return pid, "uid", job
+                    return None, "uid-not-in-job", None
         if self.scan_all:
-            stages.append(("all", all_pids(self.proc)))
-        for stage, pids in stages:
-            for pid in pids:
+            for pid in all_pids(self.proc):
                 if pid in seen:
                     continue
                 seen.add(pid)
                 job = self.jobs.job_of_pid(pid)
                 if job is not None and pid_has_inode(pid, target, self.proc):
-                    return pid, stage, job
+                    return pid, "all", job
         return None, "", None
 
     def lookup(self, req: P.Request) -> LookupResult:

@@ -535,7 +535,10 @@ class Cluster:
         """Start a foreground daemon on `host`; stdout+stderr go to logs/<name>-<host>.log.
         Stopped (by pid) with stop_daemon() or at teardown."""
         self.stop_daemon(host, name)
-        log = open(self.logs / f"{name}-{host}.log", "ab")
+        logf = self.logs / f"{name}-{host}.log"
+        if logf.exists():  # a fresh log per start, so wait_for never sees a previous run's lines
+            os.replace(logf, logf.with_suffix(".log.prev"))
+        log = open(logf, "ab")
         extra = [f"{k}={v}" for k, v in (env or {}).items()]
         p = self.popen(host, (["env", *extra] if extra else []) + list(argv), user=user,
                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
