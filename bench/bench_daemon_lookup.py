@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.testbed.cluster import rmdir_retry  # noqa: E402
+
 from daemon import protocol as P  # noqa: E402
 from daemon.jobs import CgroupJobs  # noqa: E402
 from daemon.lookup import Lookup  # noqa: E402
@@ -101,14 +103,7 @@ class Cg:
 
     def cleanup(self):
         for d in reversed(self.made):
-            for _ in range(40):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+            rmdir_retry(d)
 
 
 # -- the competitors --------------------------------------------------------------------------

@@ -364,11 +364,12 @@ class Lookup:
         """-> (pid, stage, job) where job = (job_id, job_uid); (None, "", None) if no process
         in a Slurm job holds the inode.
 
-        Stage "job": pids listed in the job cgroups.  Stages "uid" (processes of the socket's
-        owner) and "all" (every process, if ScanAllProcesses) catch job processes the listing
-        missed (a job that appeared after the cached directory scan, an unexpected layout):
-        there a pid's cgroup is checked *before* its fds, so processes outside jobs, which
-        can never make the answer "found", cost one small read instead of an fd scan."""
+        Stage "job": pids listed in the job cgroups.  Stage "uid": every process of the
+        socket's owner has its fds scanned; the holder found there answers (its job, or
+        "unknown" when it is in none -- the usual ssh client on a login node).  Stage "all"
+        (ScanAllProcesses) catches job processes the listing missed (a job that appeared
+        after the cached directory scan, an unexpected layout): there a pid's cgroup is
+        checked *before* its fds, so processes outside jobs cost one small read."""
         target = f"socket:[{inode}]"
         seen = set()
         for pid in self.jobs.job_pids():

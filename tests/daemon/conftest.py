@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.testbed.cluster import rmdir_retry
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 NOBODY = pwd.getpwnam("nobody").pw_uid
@@ -196,14 +198,7 @@ class JobCgroups:
                     (Path(UNIFIED) / "cgroup.procs").write_text(pid)
                 except OSError:
                     pass
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+            rmdir_retry(d, tries=50)
 
 
 @pytest.fixture(scope="module")

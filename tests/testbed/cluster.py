@@ -610,8 +610,7 @@ class Cluster:
         return out
 
     def pids_in_netns(self, host: str) -> list[int]:
-        ino = os.stat(f"/run/netns/{self.netns(host)}").st_ino
-        return [p for p in _pids_in_netns({ino})]
+        return _pids_in_netns({os.stat(f"/run/netns/{self.netns(host)}").st_ino})
 
     # ---------------------------------------------------------------- teardown
     def down(self, unlock: bool = True) -> None:
@@ -666,7 +665,7 @@ class Cluster:
             subprocess.run(["ip", "link", "del", f"{self.prefix}-{host}-h"[:15]], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", meta.get("bridge", self.bridge)], capture_output=True)
-        if self.state.exists() and (self.state / "meta.json").exists() or self.state.exists():
+        if self.state.exists():
             keep = os.environ.get("CID_KEEP_TESTBED_LOGS")
             if keep and (self.state / "logs").exists():
                 dst = Path(keep) / time.strftime("%Y%m%d-%H%M%S")
@@ -778,14 +777,21 @@ def _rm_cgroup_tree(node: str) -> None:
             continue
         dirs = sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
         for d in [*dirs, base]:
-            for _ in range(20):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+            rmdir_retry(d, tries=20)
+
+
+def rmdir_retry(d, tries: int = 40, pause: float = 0.05) -> bool:
+    """rmdir a cgroup directory, retrying while its last processes are still exiting.
+    True when it is gone."""
+    for _ in range(tries):
+        try:
+            os.rmdir(d)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            time.sleep(pause)
+    return False
 
 
 def _umount_below(path: Path) -> None:
