@@ -40,7 +40,9 @@ user_jobs(layout, uid, **same)
 step_uid(socket_path, timeout=0.5) -> uid;  query_step_uid(...) -> StepReply
 newest(jobs) -> Job | None
 parse_proc_cgroup(text) -> [(id, controllers, path)];  job_from_proc_cgroup(text, node=None)
-job_of_pid(pid, node=None) -> JobRef | None;  iter_job_pids(layout) -> iterator of pids
+job_of_pid(pid, node=None) -> JobRef | None (parse cached per distinct cgroup text)
+iter_job_dirs(layout) -> iterator of dirs;  iter_job_pids(layout, dirs=None) -> iterator of pids
+real_uid(pid) -> int | None
 adopt(layout, pid, job, *, verify=True) -> [dirs];  adopt_user(layout, pid, uid, *, verify=True)
 Errors: CgroupError > ConfError, LayoutNotFound, JobGone, PidGone, PermissionDenied,
 AdoptionFailed, StepdError (> StepdUnavailable, StepdTimeout, StepdProtocolError);
@@ -53,6 +55,7 @@ from .errors import (AdoptionFailed, CgroupError, ConfError, JobGone, LayoutNotF
 _LAZY = {
     "discover": "layout", "Layout": "layout", "resolve_nodename": "layout",
     "list_jobs": "jobs", "user_jobs": "jobs", "job_of_pid": "jobs", "iter_job_pids": "jobs",
+    "iter_job_dirs": "jobs", "real_uid": "jobs",
     "Job": "jobs", "JobList": "jobs", "extern_sockets": "jobs",
     "newest": "paths", "parse_proc_cgroup": "paths", "job_from_proc_cgroup": "paths",
     "JobRef": "paths", "CgroupParseError": "paths", "parse_mounts": "paths",

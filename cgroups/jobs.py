@@ -158,24 +158,46 @@ def _subdirs(path):
         return None
 
 
-def _read_pids(path):
+def read_small(path, limit=65536):
+    """The bytes of a small kernel file (/proc, cgroupfs) with one open/read/close and no
+    Python file object; None if it does not exist or cannot be read."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, OSError):
-        return []
-    return [int(x) for x in data.split()]
-
-
-def _real_uid(pid):
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         return None
-    return None
+    try:
+        return os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_pids(path):
+    data = read_small(path, 1 << 20)
+    if not data:
+        return []
+    try:
+        return [int(x) for x in data.split()]
+    except ValueError:
+        return []
+
+
+def real_uid(pid, proc="/proc"):
+    """Real uid of ``pid`` from /proc/PID/status, or None (gone, unreadable, malformed)."""
+    data = read_small(f"{proc}/{pid}/status", 8192)
+    if not data:
+        return None
+    i = data.find(b"\nUid:")
+    if i < 0:
+        return None
+    try:
+        return int(data[i + 5:i + 64].split()[0])   # "Uid:\t<real>\t<eff>\t<saved>\t<fs>"
+    except (ValueError, IndexError):
+        return None
+
+
+_real_uid = real_uid
 
 
 def v2_owner_from_tasks(job_dir):
@@ -339,46 +361,60 @@ def user_jobs(layout, uid, **kw):
     return list_jobs(layout, uid, **kw)
 
 
+_REF_CACHE = {}          # (/proc/PID/cgroup text, node) -> JobRef | None; bounded
+_REF_CACHE_MAX = 1024
+
+
 def job_of_pid(pid, node=None):
     """The Slurm job (and step) of ``pid`` from /proc/PID/cgroup, or None.
 
     Needs no layout. None when the pid does not exist (or vanished meanwhile) or is not in a
     Slurm job cgroup. ``node`` restricts matches to that node's prefix (several slurmds on one
-    kernel). Returns a :class:`paths.JobRef`; ``job_id`` is None for SLUID-named job dirs.
+    kernel). Returns a :class:`paths.JobRef` (shared: do not modify it); ``job_id`` is None for
+    SLUID-named job dirs.  The parse of each distinct cgroup text is cached (processes of one
+    step share it), so a caller-ID lookup pays one small read here.
     """
-    try:
-        fd = os.open(f"/proc/{int(pid)}/cgroup", os.O_RDONLY)
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    try:
-        data = os.read(fd, 65536)
-    except (ProcessLookupError, FileNotFoundError):
-        return None
-    finally:
-        os.close(fd)
+    data = read_small(f"/proc/{int(pid)}/cgroup")
     if not data:
         return None
-    return _p.job_from_proc_cgroup(data.decode("utf-8", "replace"), node)
+    key = (data, node)
+    try:
+        return _REF_CACHE[key]
+    except KeyError:
+        pass
+    ref = _p.job_from_proc_cgroup(data.decode("utf-8", "replace"), node)
+    if len(_REF_CACHE) >= _REF_CACHE_MAX:
+        _REF_CACHE.clear()
+    _REF_CACHE[key] = ref
+    return ref
 
 
-def iter_job_pids(layout):
-    """Yield the pids in this node's Slurm job cgroups (every ``cgroup.procs`` below the job
-    directories; v1: the tracking controller only). Pids may repeat across levels only if the
-    kernel lists them so; vanished directories are skipped."""
+def iter_job_dirs(layout):
+    """Every cgroup directory where a job's processes can live: each job directory and all
+    directories below it (v1: the tracking controller only).  Vanished directories are
+    skipped."""
     if layout.version == 1:
         roots = [layout.v1_base(layout.track)]
     else:
         roots = [layout.v2_scope_dir()]
-    seen = set()
     stack = list(roots)
     while stack:
         d = stack.pop()
-        for pid in _read_pids(f"{d}/cgroup.procs") if d not in roots else ():
-            if pid not in seen:
-                seen.add(pid)
-                yield pid
+        if d not in roots:
+            yield d
         for sub in _subdirs(d) or ():
             if layout.version == 2 and d in roots and not (sub.startswith("job_") or
                                                            _p.is_sluid(sub)):
                 continue   # e.g. "system": stepds waiting for their job dir
             stack.append(f"{d}/{sub}")
+
+
+def iter_job_pids(layout, dirs=None):
+    """Yield the pids in this node's Slurm job cgroups (every ``cgroup.procs`` of
+    ``iter_job_dirs``, or of ``dirs`` when a caller keeps that list), each pid once."""
+    seen = set()
+    for d in iter_job_dirs(layout) if dirs is None else dirs:
+        for pid in _read_pids(f"{d}/cgroup.procs"):
+            if pid not in seen:
+                seen.add(pid)
+                yield pid

@@ -23,6 +23,8 @@ import re
 import threading
 import time
 
+from cgroups import jobs as _cg     # small readers shared with the cgroups package
+
 _JOB_RE = re.compile(r"/job_(\d+)(?:/|$)")
 _UID_RE = re.compile(r"/uid_(\d+)(?:/|$)")
 _JOBDIR_RE = re.compile(r"^job_(\d+)$")
@@ -51,14 +53,7 @@ def parse_proc_cgroup(text: str):
 
 
 def real_uid(pid: int, proc: str = "/proc") -> int | None:
-    try:
-        with open(f"{proc}/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return _cg.real_uid(pid, proc)
 
 
 class CgroupJobs:
@@ -120,16 +115,7 @@ class CgroupJobs:
 
     def job_pids(self):
         for d in self.job_dirs():
-            try:
-                with open(f"{d}/cgroup.procs", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            for tok in data.split():
-                try:
-                    yield int(tok)
-                except ValueError:
-                    pass
+            yield from _cg._read_pids(f"{d}/cgroup.procs")
 
     # -- pid -> job -----------------------------------------------------------------------------
     def job_of_pid(self, pid: int):
@@ -147,12 +133,10 @@ class CgroupJobs:
             if uid is None:
                 uid = real_uid(pid, self.proc)
             return (job, uid) if uid is not None else None
-        try:
-            with open(f"{self.proc}/{pid}/cgroup") as f:
-                text = f.read()
-        except OSError:
+        data = _cg.read_small(f"{self.proc}/{pid}/cgroup")
+        if not data:
             return None
-        r = parse_proc_cgroup(text)
+        r = parse_proc_cgroup(data.decode("utf-8", "replace"))
         if r is None:
             return None
         job, uid = r
@@ -162,15 +146,15 @@ class CgroupJobs:
 
 
 class LayoutJobs(CgroupJobs):
-    """Job pids from the node's discovered Slurm layout (cgroups.discover + iter_job_pids)."""
+    """Job pids from the node's discovered Slurm layout (cgroups.discover): the job cgroup
+    directories are listed at most every `refresh` seconds, their cgroup.procs read fresh."""
 
     def __init__(self, layout, **kw):
         super().__init__(roots=["/nonexistent"], node=getattr(layout, "nodename", None), **kw)
         self.layout = layout
 
-    def job_pids(self):
-        import cgroups
-        return cgroups.iter_job_pids(self.layout)
+    def _scan_dirs(self) -> list[str]:
+        return list(_cg.iter_job_dirs(self.layout))
 
 
 def make_jobs(cfg, log=None):

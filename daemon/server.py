@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
-import ipaddress
 import logging
 import os
+import queue
 import signal
 import socket
 import struct
@@ -94,6 +93,8 @@ class Handler:
         self.node = node
         self.slurm_uid = slurm_uid
         self.replay = ReplayCache(int(max_clock_skew * 1000))
+        self.counts = collections.Counter()     # answers by status (summarised at info level)
+        self.debug = log.isEnabledFor(logging.DEBUG)
 
     def _reply(self, status, nonce, job=P.NO_JOB, uid=P.NO_UID) -> bytes:
         return wire.seal_reply(P.Reply(status, nonce, job, uid, self.node), self.auth)
@@ -129,10 +130,12 @@ class Handler:
             security.warning("event=security-violation peer=%s uid=%d conn=%r job=%d job_uid=%d",
                              peer, uid, req.describe(), res.job_id, res.job_uid)
             return self._reply(P.STATUS_REFUSED, req.nonce)
-        log.info("event=answer peer=%s uid=%d conn=%r status=%s job=%s pid=%s via=%s stage=%s why=%s ms=%.2f",
-                 peer, uid, req.describe(), P.STATUS_NAMES[res.status], res.job_id or "-",
-                 res.pid or "-", res.sock.via if res.sock else "-", res.stage or "-", res.why or "-",
-                 res.elapsed_ms)
+        self.counts[res.status] += 1
+        if self.debug:
+            log.debug("event=answer peer=%s uid=%d conn=%r status=%s job=%s pid=%s via=%s stage=%s "
+                      "why=%s ms=%.2f", peer, uid, req.describe(), P.STATUS_NAMES[res.status],
+                      res.job_id or "-", res.pid or "-", res.sock.via if res.sock else "-",
+                      res.stage or "-", res.why or "-", res.elapsed_ms)
         return self._reply(res.status, req.nonce, res.job_id, res.job_uid)
 
 
@@ -141,28 +144,36 @@ _LINGER0 = struct.pack("ii", 1, 0)
 
 class _Conn:
     """One client connection on a raw non-blocking socket driven by the event loop's
-    selector: read one frame under a read timeout and a total deadline, hand it to a worker
-    thread, write the reply, close.  (No asyncio transport, protocol or task per connection:
-    at thousands of answers per second those cost more than the answer itself.)"""
+    selector: read one frame, hand it to a worker thread, write the reply, close.
 
-    __slots__ = ("srv", "loop", "sock", "fd", "peer", "dec", "t_read", "t_total", "busy",
-                 "done", "reading", "out")
+    No asyncio transport, protocol, task, future or timer per connection: at thousands of
+    answers per second those cost more than the answer.  Deadlines (per read and total) are
+    two floats checked by the server's sweeper."""
 
-    def __init__(self, srv: "Server", sock: socket.socket, peer: str):
+    __slots__ = ("srv", "loop", "sock", "fd", "peer", "dec", "read_by", "end_by", "done",
+                 "reading", "out")
+
+    def __init__(self, srv: "Server", sock: socket.socket, peer: str, now: float):
         self.srv = srv
         self.loop = srv.loop
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
         self.dec = P.FrameDecoder(max_frames=1)
-        self.busy = False
         self.done = False
+        self.reading = False
         self.out = b""
         cfg = srv.cfg
-        self.t_read = self.loop.call_later(cfg.read_timeout, self._timeout)
-        self.t_total = self.loop.call_later(cfg.connection_timeout, self._timeout)
-        self.loop.add_reader(self.fd, self._readable)
-        self.reading = True
+        self.end_by = now + cfg.connection_timeout
+        self.read_by = min(now + cfg.read_timeout, self.end_by)
+
+    def start(self):
+        """The request is usually there already (the client sends right after connecting):
+        try it before registering with the selector."""
+        self._readable()
+        if not self.done and self.read_by and not self.reading:
+            self.loop.add_reader(self.fd, self._readable)
+            self.reading = True
 
     def _finish(self, abort=False):
         if self.done:
@@ -171,8 +182,6 @@ class _Conn:
         srv = self.srv
         srv.active -= 1
         srv.conns.discard(self)
-        self.t_read.cancel()
-        self.t_total.cancel()
         if self.reading:
             self.loop.remove_reader(self.fd)
             self.reading = False
@@ -197,7 +206,7 @@ class _Conn:
         self._finish(abort=True)
 
     def _readable(self):
-        if self.done or self.busy:
+        if self.done or not self.read_by:
             return
         try:
             data = self.sock.recv(P.MAX_FRAME)
@@ -217,24 +226,18 @@ class _Conn:
         except P.ProtocolError as e:
             self._bad(e)
             return
-        self.t_read.cancel()
         if not frames:
-            self.t_read = self.loop.call_later(self.srv.cfg.read_timeout, self._timeout)
+            self.read_by = min(self.loop.time() + self.srv.cfg.read_timeout, self.end_by)
             return
-        self.busy = True
-        self.loop.remove_reader(self.fd)
-        self.reading = False
-        fut = self.loop.run_in_executor(self.srv.pool, self.srv.handler.handle, frames[0], self.peer)
-        fut.add_done_callback(self._answered)
+        self.read_by = 0.0            # no more reads: the request is complete
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+        self.srv.submit(self, frames[0])
 
-    def _answered(self, fut):
+    def answered(self, out):
         if self.done:
             return
-        try:
-            out = fut.result()
-        except BaseException:
-            log.exception("event=handler-error peer=%s", self.peer)
-            out = None
         if out is None:
             self.srv.stats["dropped"] += 1
             self._finish(abort=True)
@@ -266,13 +269,73 @@ class _Conn:
         self._finish()
 
 
+class _Workers:
+    """Worker threads for the blocking part of an answer (munged round trips, /proc and
+    netlink).  The loop thread puts (conn, frame) on a queue; each worker takes whatever is
+    queued, answers it, and hands the replies back through one deque; the loop is woken by
+    an eventfd write only when it is not already due to drain (one wake-up per batch, not
+    per answer)."""
+
+    def __init__(self, loop, handle, n: int):
+        self.loop = loop
+        self.handle = handle
+        self.q = queue.SimpleQueue()
+        self.results = collections.deque()
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wake_due = False
+        self.threads = [threading.Thread(target=self._run, name=f"callerid-{i}", daemon=True)
+                        for i in range(n)]
+        loop.add_reader(self.efd, self._drain)
+        for t in self.threads:
+            t.start()
+
+    def _run(self):
+        q, results, handle = self.q, self.results, self.handle
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            conn, frame = item
+            if conn.done:                 # timed out while queued: nobody is waiting
+                continue
+            try:
+                out = handle(frame, conn.peer)
+            except BaseException:
+                log.exception("event=handler-error peer=%s", conn.peer)
+                out = None
+            results.append((conn, out))
+            if not self.wake_due:
+                self.wake_due = True
+                try:
+                    os.eventfd_write(self.efd, 1)
+                except OSError:
+                    pass
+
+    def _drain(self):
+        try:
+            os.eventfd_read(self.efd)
+        except OSError:
+            pass
+        self.wake_due = False
+        results = self.results
+        while results:
+            conn, out = results.popleft()
+            conn.answered(out)
+
+    def close(self):
+        for _ in self.threads:
+            self.q.put(None)
+        self.loop.remove_reader(self.efd)
+        os.close(self.efd)
+
+
 class Server:
     def __init__(self, cfg, auth, lookup: Lookup, *, node: str | None = None):
         self.cfg = cfg
         self.handler = Handler(auth, lookup, node=node or cfg.node(), slurm_uid=cfg.slurm_uid(),
                                max_clock_skew=cfg.max_clock_skew)
         self.rate = RateLimiter(cfg.rate_limit, cfg.rate_burst)
-        self.pool = concurrent.futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="callerid")
+        self.workers: _Workers | None = None
         self.listeners: list[socket.socket] = []
         self.active = 0
         self.conns: set[_Conn] = set()
@@ -299,9 +362,43 @@ class Server:
             raise
         return s
 
+    def submit(self, conn: _Conn, frame: P.Frame):
+        self.workers.q.put((conn, frame))
+
+    SWEEP = 0.1            # seconds between deadline sweeps
+    STATS_EVERY = 60.0     # seconds between "event=stats" summaries (only after traffic)
+
+    def _sweep(self):
+        """Close connections past their read or total deadline (every SWEEP seconds); log the
+        traffic summary every STATS_EVERY seconds."""
+        now = self.loop.time()
+        for c in [c for c in self.conns if now >= c.end_by or (c.read_by and now >= c.read_by)]:
+            c._timeout()
+        if now >= self._stats_due:
+            self._stats_due = now + self.STATS_EVERY
+            self.log_stats()
+        if not self.stopping:
+            self._stats_due = self.loop.time() + self.STATS_EVERY
+        self._stats_last = ""
+        self.loop.call_later(self.SWEEP, self._sweep)
+
+    def stats_line(self) -> str:
+        counts = {f"answers-{P.STATUS_NAMES.get(k, k)}": v for k, v in self.handler.counts.items()}
+        return " ".join(f"{k}={v}" for k, v in sorted({**self.stats, **counts}.items()))
+
+    def log_stats(self):
+        line = self.stats_line()
+        if line != self._stats_last:
+            self._stats_last = line
+            log.info("event=stats %s", line)
+
     async def start(self) -> list[str]:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self.workers = _Workers(self.loop, self.handler.handle, self.cfg.workers)
+        self._stats_due = self.loop.time() + self.STATS_EVERY
+        self._stats_last = ""
+        self.loop.call_later(self.SWEEP, self._sweep)
         bound = []
         errors = []
         port = self.cfg.port
@@ -325,6 +422,7 @@ class Server:
         return bound
 
     def _accept(self, lsock: socket.socket):
+        now = self.loop.time()
         for _ in range(64):
             try:
                 sock, addr = lsock.accept()
@@ -352,7 +450,9 @@ class Server:
                 continue
             sock.setblocking(False)
             self.active += 1
-            self.conns.add(_Conn(self, sock, peer))
+            conn = _Conn(self, sock, peer, now)
+            self.conns.add(conn)
+            conn.start()
 
     def request_stop(self):
         self._stop.set()
@@ -369,8 +469,8 @@ class Server:
             await asyncio.sleep(0.02)
         for c in list(self.conns):
             c._finish(abort=True)
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        log.info("event=stopped %s", " ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
+        self.workers.close()
+        log.info("event=stopped %s", self.stats_line())
 
 
 def _abort(sock: socket.socket):

@@ -2,6 +2,7 @@
 replies; replayed and stale requests; hostile connections; limits; CLI and config errors."""
 import asyncio
 import os
+import errno
 import socket
 import stat
 import subprocess
@@ -217,8 +218,15 @@ def test_client_munged_down_is_local_error():
 
 def _raw_exchange(port, data, timeout=3.0):
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""          # the server aborted while we were still sending
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:   # ... and the RST arrived before our shutdown
+                return b""
+            raise
         out = b""
         while True:
             try:
@@ -273,8 +281,22 @@ def test_hostile_connections_do_not_hurt_server():
         # a reply frame sent as request
         rep = wire.seal_reply(P.Reply(P.STATUS_FOUND, os.urandom(16), 1, 0, "x"), auth)
         assert _raw_exchange(st.port, rep) == b""
+        # trickle: a byte every 0.15 s keeps each read under ReadTimeout, ConnectionTimeout ends it
+        with socket.create_connection(("127.0.0.1", st.port)) as s:
+            t = time.monotonic()
+            closed = False
+            for b in frame[:40]:
+                try:
+                    s.sendall(bytes([b]))
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.15)
+            assert closed and 0.9 < time.monotonic() - t < 1.6
         assert _q(st.port, auth).outcome == C.UNKNOWN
-        assert st.srv.stats["protocol-errors"] >= 3 and st.srv.stats["timeouts"] >= 1
+        assert st.srv.stats["protocol-errors"] >= 3 and st.srv.stats["timeouts"] >= 2
+        line = st.srv.stats_line()
+        assert "answers-unknown=1" in line and "answered=1" in line and "dropped=1" in line, line
 
 
 def test_rate_limit_and_connection_cap():
