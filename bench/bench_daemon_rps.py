@@ -5,7 +5,7 @@
 
 Starts its own munged (temp dir, user munge) and an HMAC key, a target process holding a
 loopback TCP connection inside a synthetic Slurm job cgroup, and the real daemon
-(`python -m daemon.cli daemon`) pinned to CPU 0.  Load generators (2 processes x clients/2
+(`python -m daemon.cli daemon`) pinned to CPU 0.  Load generators (8 processes x clients/8
 threads, pinned to CPU 1) ask about the target connection, so every answer is a full "found"
 lookup, authenticated both ways.  Two loads per auth mode:
 
@@ -174,7 +174,7 @@ def cpu_seconds(pid, which=(11, 12)):
 
 def run_load(args, cfg, src, dst, dpid, rate, procs):
     """One load against the running daemon -> dict of results."""
-    nproc = 2
+    nproc = args.procs
     per = rate / nproc if rate else 0
     presign = (per * args.seconds * 1.05 + 64) if rate else args.seconds * args.max_rate / nproc
     gens = [subprocess.Popen(["taskset", "-c", "1", PY, __file__, "--loadgen", "--config", str(cfg),
@@ -213,6 +213,9 @@ def main():
     ap.add_argument("--rate", type=float, default=2000.0, help="offered load of the paced run")
     ap.add_argument("--max-rate", type=float, default=6000.0,
                     help="requests pre-signed for the closed run: seconds x this")
+    ap.add_argument("--procs", type=int, default=8,
+                    help="load generator processes (clients/procs threads each: few threads per "
+                         "process keep the generators' own GIL out of the latencies)")
     ap.add_argument("--modes", default="hmac,munge")
     ap.add_argument("--loads", default="closed,paced")
     ap.add_argument("--loglevel", default="info")
