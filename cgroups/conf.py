@@ -61,6 +61,11 @@ class ConfLine:
 
 def _strip_comment(line, filename, lineno):
     """Remove a ``#`` comment outside double quotes; ``\\#`` becomes ``#``."""
+    i = line.find("#")
+    if i < 0:
+        return line
+    if '"' not in line and "\\" not in line:   # the usual case: the first # starts it
+        return line[:i]
     out = []
     i, n, quoted = 0, len(line), False
     while i < n:

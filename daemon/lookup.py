@@ -354,7 +354,10 @@ class Lookup:
         if self._diag is not None:
             try:
                 info = self._diag.find(proto, src, sport, dst, dport)
-                if info is not None:
+                if info is not None or proto == P.PROTO_TCP:
+                    # the kernel's exact TCP lookup is authoritative: no need to walk
+                    # /proc/net/tcp{,6}, which costs ~2 ms per pass on a large-memory node
+                    # (it iterates the whole connection hash table) however few sockets exist
                     return info
             except OSError:
                 pass

@@ -248,6 +248,7 @@ def _decide(pam, opts, log, service, user, uid, rec):
     conn = find_connection(pam.getenv("SSH_CONNECTION"))     # ~0.1 ms; also for the audit
     if conn is not None:
         rec.update(conn.as_dict())
+    rec["ms"]["conn"] = round((time.monotonic() - t_jobs) * 1000, 3)
     if jobs is not None and policy.needs_rpc([j for j in jobs if j.uid in (None, uid)], opts):
         t = time.monotonic()
         cid = query_callerid(ctx, conn, time.time())
@@ -321,8 +322,13 @@ def account(pam, opts, log, t0):
                        latency_ms=round((time.monotonic() - t0) * 1000, 3))
             audit_write(opts.audit, rec, log)
         return pre.code
+    t1 = time.monotonic()
     d, ctx = _decide(pam, opts, log, service, user, uid, rec)
+    _remember(opts, ctx)
+    t2 = time.monotonic()
     d, adopted = _adopt(d, opts, ctx, uid, log)
+    rec["ms"]["before"] = round((t1 - t0) * 1000, 3)      # options, user, record
+    rec["ms"]["adopt"] = round((time.monotonic() - t2) * 1000, 3)
     rec["adopted_pid"] = adopted
     pam.set_data(_serialize(d, os.getpid()))
     return _finish(pam, opts, log, d, rec, t0, "account")
@@ -344,7 +350,9 @@ def open_session(pam, opts, log, t0):
         job = None if stash["job"] is None else policy.Job(stash["job"], uid)
         d = policy.Decision(stash["path"], "PAM_SUCCESS", job=job, target=stash["target"],
                             reason="stashed")
-        ctx, err = backend.load_config(opts)
+        ctx, err = _recall(opts), None
+        if ctx is None:
+            ctx, err = backend.load_config(opts)
         rec["node"] = ctx.node_name
         if err:
             d, adopted = policy.on_adopt_failure(d, opts, err), None
@@ -358,6 +366,25 @@ def open_session(pam, opts, log, t0):
     rec["adopted_pid"] = adopted
     # the info line was sent in the account phase (shown as a banner); only errors here
     return _finish(pam, opts, log, d, rec, t0, "session", show_info=stash is None)
+
+
+_ctx_memo = None     # (pid, time, key, Context) of this process's last account decision
+_CTX_MEMO_TTL = 30.0
+
+
+def _remember(opts, ctx):
+    """Keep the account phase's configuration and discovered layout for the session phase of
+    the same login (same process, moments later): it then adopts without re-reading them."""
+    global _ctx_memo
+    _ctx_memo = (os.getpid(), time.monotonic(), (opts.config, opts.nodename), ctx)
+
+
+def _recall(opts):
+    m = _ctx_memo
+    if m is None or m[0] != os.getpid() or m[2] != (opts.config, opts.nodename) \
+            or time.monotonic() - m[1] > _CTX_MEMO_TTL or m[3].layout is None:
+        return None
+    return m[3]
 
 
 def _record(phase, service, user, uid, pam, opts):

@@ -10,7 +10,9 @@ clamped to 0.05..10), ``port=N`` (caller-ID daemon port; default taken from the 
 :data:`DEFAULT_PORT`), ``config=PATH`` (the shared ``/etc/slurm/callerid.conf``),
 ``audit=PATH|none`` (JSON-lines audit file), ``quiet`` / ``quiet=0|1`` (no info line to the
 user), ``onerror=fail|ignore`` (what an internal error returns: PAM_SYSTEM_ERR or PAM_IGNORE;
-the C shim parses this one too, with the same rule) and ``action_unknown=user`` (adopt into the
+the C shim parses this one too, with the same rule), ``cgroup_warmup=0|1`` (default 1: the C
+shim starts the kernel's cgroup-migration grace period in the background before Python starts,
+see build.py; also parsed there) and ``action_unknown=user`` (adopt into the
 user-level cgroup instead of guessing a job).
 
 Bad values never loosen security: an unrecognised ``action_*`` value selects that option's
@@ -43,7 +45,7 @@ _CHOICES = {
 # boolean options: name -> default.  Values follow Slurm: 0/1 for the numeric ones,
 # true/false for join_container; we accept both spellings for every boolean.
 _BOOLS = {"disable_x11": False, "ignore_root": True, "join_container": True,
-          "single_job_skip_rpc": True, "quiet": False}
+          "single_job_skip_rpc": True, "quiet": False, "cgroup_warmup": True}
 _STRINGS = {"nodename": None, "service": "sshd", "config": DEFAULT_CONFIG, "audit": DEFAULT_AUDIT}
 # what we actually do for the options we accept but do not implement (no X11 forwarding
 # set-up, no setns() into the job's namespaces): a different explicit value is logged

@@ -159,3 +159,28 @@ def test_load_conf_file_errors(tmp_path):
     with pytest.raises(ConfError) as ei:
         load_conf(bad)
     assert ei.value.lineno == 2 and "UTF-8" in str(ei.value)
+
+
+def _strip_reference(line):
+    """Character-by-character definition: a # outside double quotes starts a comment; \\# is #."""
+    out, i, quoted = [], 0, False
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and line[i + 1:i + 2] == "#":
+            out.append("#")
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == "#" and not quoted:
+            break
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+@given(st.text(alphabet='ab =#"\\\t', max_size=40))
+@settings(max_examples=2000)
+def test_strip_comment_fast_path_matches_definition(line):
+    from cgroups.conf import _strip_comment
+    assert _strip_comment(line, "f", 1) == _strip_reference(line)
