@@ -1,7 +1,7 @@
 """ssh login latency added by the adoption module: none vs pam_slurm_adopt vs pam_callerid,
 on the same real cluster (tests/testbed), interleaved, medians of N logins per cell.
 
-    /opt/slurm-callerid/bin/python bench/bench_login.py [--rounds 30]     (as root)
+    /opt/slurm-callerid/bin/python bench/bench_login.py [--rounds 40]     (as root)
 
 Paths (alice's jobs: B on node1+node2, A on node2 only):
   one job           login node -> node1 (only B there: no RPC)
@@ -13,6 +13,7 @@ measured where it runs. pam_callerid runs with its daemon on every node and the 
 (munge authentication), as in production.
 """
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -29,12 +30,12 @@ CONFIGS = ["none", "pam_slurm_adopt", "pam_callerid"]
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=40)
     args = ap.parse_args(argv)
     c = Cluster(nodes=3)
     c.up()
     try:
-        use_pam_callerid(c, rpc_timeout=1)
+        audit = use_pam_callerid(c, rpc_timeout=1)
         ours = {n: c._pam[n] for n in c.nodes}
         b = c.sbatch("alice", nodes=["node1", "node2"])
         time.sleep(1.1)
@@ -63,6 +64,7 @@ def main(argv=None):
                 configure(cfg)
                 for fn in paths.values():
                     fn()
+        audit.write_text("")
         t0 = time.monotonic()
         for _ in range(args.rounds):
             for cfg in CONFIGS:
@@ -86,9 +88,37 @@ def main(argv=None):
                 cells.append(f"{m:8.1f} (Δ {m - base:+6.1f})")
             print(f"{p:20s} {base:8.1f} {cells[0]:>22s} {cells[1]:>22s}   "
                   f"{wrong[(p, 'pam_slurm_adopt')]}/{wrong[(p, 'pam_callerid')]}")
+        stages(audit, {(("node1", c.hosts["login"].ip4)): "one job",
+                       (("node2", c.hosts["login"].ip4)): "several, unknown",
+                       (("node2", c.hosts["node1"].ip4)): "several, callerid"})
         c.cancel_all()
     finally:
         c.down()
+
+
+def stages(audit, pathof):
+    """Where pam_callerid's time goes, from its own audit records (medians, ms)."""
+    recs = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
+    acct = {r["pid"]: r for r in recs if r.get("phase") == "account"}
+    cols = [("python start", lambda a, s: a.get("py_init_ms")),
+            ("config", lambda a, s: a.get("ms", {}).get("config")),
+            ("jobs", lambda a, s: a.get("ms", {}).get("jobs")),
+            ("caller-ID", lambda a, s: a.get("ms", {}).get("callerid")),
+            ("adopt", lambda a, s: a.get("ms", {}).get("adopt")),
+            ("account", lambda a, s: a.get("latency_ms")),
+            ("session", lambda a, s: s.get("latency_ms") if s else None)]
+    sess = {r.get("stashed_from_pid", r["pid"]): r for r in recs if r.get("phase") == "session"}
+    print("\npam_callerid stages from its audit records (medians, ms; 'account' and 'session' are "
+          "the phases' totals after Python started)")
+    print(f"{'path':20s} " + " ".join(f"{n:>12s}" for n, _ in cols))
+    for key, name in pathof.items():
+        rows = [(a, sess.get(pid)) for pid, a in acct.items()
+                if (a.get("node"), a.get("src_ip")) == key]
+        cells = []
+        for _, f in cols:
+            vals = [v for v in (f(a, s_) for a, s_ in rows) if v is not None]
+            cells.append(f"{statistics.median(vals):12.2f}" if vals else f"{'-':>12s}")
+        print(f"{name:20s} " + " ".join(cells) + f"   (n={len(rows)})")
 
 
 if __name__ == "__main__":

@@ -255,3 +255,39 @@ def test_build_install_step(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pam_callerid.build", "--venv", VENV],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0 and "--out" in r.stderr
+
+
+def _cgroup_writes(trace):
+    """cgroup.procs files opened for writing in an strace -e openat log."""
+    import re
+    return [m.group(1) for m in re.finditer(r'openat\([^"]*"([^"]+/cgroup\.procs)", O_WRONLY', trace)]
+
+
+@pytest.mark.parametrize("warmup", ["", "cgroup_warmup=no"])
+def test_cgroup_warmup_writes_own_cgroup_never_memory(built_so, services, cid_user, tmp_path, warmup):
+    """The shim's warm-up thread re-writes the process's pid into the cgroup it already is in
+    (freezer, pids or v2; never memory) -- or nothing with cgroup_warmup=no."""
+    if not shutil.which("strace"):
+        pytest.skip("needs strace")
+    svc = services.make(stack(built_so, "audit=none %s" % warmup))
+    log = tmp_path / "trace"
+    r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(log),
+                        "pamtester", "-v", svc, cid_user[0], "acct_mgmt"],
+                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert outcome(r.stdout) in ("denied", "ignore"), r.stdout   # no jobs: nothing adopted
+    writes = _cgroup_writes(log.read_text())
+    assert not any("memory" in w for w in writes), writes
+    if warmup:
+        assert writes == [], writes
+        return
+    assert len(writes) == 1, writes
+    own = {}
+    for line in open("/proc/self/cgroup"):           # pamtester inherits pytest's cgroups
+        hid, ctrls, path = line.rstrip("\n").split(":", 2)
+        for c in (ctrls.split(",") if ctrls else [""]):
+            own[c] = path
+    expect = {f"/sys/fs/cgroup/freezer{own['freezer']}/cgroup.procs"} if "freezer" in own else \
+        {f"/sys/fs/cgroup/pids{own['pids']}/cgroup.procs"} if "pids" in own else \
+        {f"/sys/fs/cgroup{own['']}/cgroup.procs", f"/sys/fs/cgroup/unified{own['']}/cgroup.procs"}
+    assert writes[0] in expect, (writes, expect)
