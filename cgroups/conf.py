@@ -20,7 +20,7 @@ Public API::
     parse_conf_lines(text, filename="<string>") -> list[ConfLine]
     load_conf(path, *, max_bytes=16 MiB) -> Conf
     Conf: get(key, default=None), conf[key], key in conf, getall(key), lines(key),
-          where(key) -> (filename, lineno), items(), keys()
+          where(key) -> (filename, lineno), items(), keys(), entries()
 
 This module depends on the standard library only (it is also used by the daemon).
 """
@@ -236,6 +236,10 @@ class Conf:
             return list(self._lines)
         low = key.lower()
         return [cl for cl in self._lines if cl.pairs[0][0].lower() == low]
+
+    def entries(self):
+        """Every setting in file order as ``(key, value, lineno)`` (the key as written)."""
+        return [(k, v, cl.lineno) for cl in self._lines for k, v in cl.pairs]
 
     def where(self, key):
         """``(filename, lineno)`` of the effective (last) setting of ``key``, or None."""

@@ -187,8 +187,14 @@ def _parse_text(text: str, filename: str):
 
 
 def parse_config(text: str, filename: str = "<string>", *, strict: bool = False) -> Config:
+    return config_from_entries(_parse_text(text, filename), filename, strict=strict)
+
+
+def config_from_entries(entries, filename: str, *, strict: bool = False) -> Config:
+    """A Config from already parsed ``(key, value, lineno)`` entries (the PAM module has the
+    file parsed with cgroups.conf and need not read it twice)."""
     cfg = Config(source=filename)
-    for key, value, lineno in _parse_text(text, filename):
+    for key, value, lineno in entries:
         lk = key.lower()
         if lk == "include":
             raise ConfigError(f"{filename}:{lineno}: Include is not supported in callerid.conf")

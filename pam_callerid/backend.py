@@ -27,6 +27,7 @@ Each adapter turns the other package's API and typed errors into what :mod:`poli
 expected failure.
 """
 import os
+import time
 
 from . import policy
 from .options import DEFAULT_CONFIG, DEFAULT_PORT
@@ -58,6 +59,7 @@ class Context:
         self.layout = None
         self.jobs = {}             # job id -> cgroups Job
         self.problems = []
+        self.timings = {}          # stage -> ms, merged into the audit record
 
     def get(self, key, default=None):
         if self.conf is None:
@@ -169,6 +171,7 @@ _STATUS = {"found": "found", "unknown": "unknown", "refused": "refused", "error"
 def callerid(ctx, conn):
     """Ask the daemon at conn.src_ip; a policy.CallerId (never raises)."""
     src = "%s:%d" % (conn.src_ip, conn.src_port)
+    t0 = time.monotonic()
     try:
         from daemon import client
         from daemon import config as dconfig
@@ -176,7 +179,9 @@ def callerid(ctx, conn):
         return policy.CallerId("error", source=src,
                                detail="caller-ID client unavailable: %s" % e)
     try:
-        if ctx.path:
+        if ctx.path and ctx.conf is not None and len(ctx.conf.filenames) == 1:
+            cfg = dconfig.config_from_entries(ctx.conf.entries(), ctx.path)   # parsed once
+        elif ctx.path:
             cfg = dconfig.load_config(ctx.path, required=True, strict=False)
         else:
             cfg = dconfig.Config()
@@ -186,6 +191,8 @@ def callerid(ctx, conn):
     except Exception as e:
         return policy.CallerId("error", source=src,
                                detail="caller-ID set-up failed: %s: %s" % (type(e).__name__, e))
+    t1 = time.monotonic()
+    ctx.timings["callerid_setup"] = round((t1 - t0) * 1000, 3)    # imports, config, auth
     try:
         a = client.query(conn.src_ip, port, (conn.src_ip, conn.src_port),
                          (conn.dst_ip, conn.dst_port), auth=auth, timeout=ctx.opts.rpc_timeout,

@@ -253,6 +253,7 @@ def _decide(pam, opts, log, service, user, uid, rec):
         t = time.monotonic()
         cid = query_callerid(ctx, conn, time.time())
         rec["ms"]["callerid"] = round((time.monotonic() - t) * 1000, 3)
+        rec["ms"].update(ctx.timings)
         rec["callerid"] = {k: v for k, v in cid.as_dict().items() if v is not None}
         if cid.detail:
             log("info" if cid.status in ("found", "unknown") else "error",

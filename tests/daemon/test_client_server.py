@@ -452,3 +452,16 @@ def test_login_path_imports_are_light():
             "print(bad); sys.exit(1 if bad else 0)") % (str(ROOT), LOGIN_PATH, HEAVY)
     r = subprocess.run([PY, "-I", "-S", "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_config_from_parsed_entries_matches_file(tmp_path):
+    """The PAM module hands the daemon client its already parsed callerid.conf: same Config."""
+    from cgroups.conf import load_conf
+    from daemon.config import config_from_entries, load_config
+    p = tmp_path / "callerid.conf"
+    p.write_text("# shared file\nPort=6999 AuthType=hmac\nKeyFile=/x/key  # comment\n"
+                 "ReplyUser=root\nPamSpoolDir=/var/spool/slurmd\nQueryTimeout=0.5\n")
+    a = load_config(str(p))
+    b = config_from_entries(load_conf(str(p)).entries(), str(p))
+    assert vars(a) == vars(b)
+    assert b.port == 6999 and b.auth_type == "hmac" and b.query_timeout == 0.5
