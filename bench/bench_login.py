@@ -88,12 +88,28 @@ def main(argv=None):
                 cells.append(f"{m:8.1f} (Δ {m - base:+6.1f})")
             print(f"{p:20s} {base:8.1f} {cells[0]:>22s} {cells[1]:>22s}   "
                   f"{wrong[(p, 'pam_slurm_adopt')]}/{wrong[(p, 'pam_callerid')]}")
+        print("\npaired per round (each round logs in once per path and configuration, back to "
+              "back): median of the round's differences, ms [95% bootstrap CI]")
+        print(f"{'path':20s} {'psa - none':>22s} {'ours - none':>22s} {'ours - psa':>22s}")
+        for p in paths:
+            n, a, o = (t[(p, cfg)] for cfg in CONFIGS)
+            cols = [paired(a, n), paired(o, n), paired(o, a)]
+            print(f"{p:20s} " + " ".join(f"{c:>22s}" for c in cols))
         stages(audit, {(("node1", c.hosts["login"].ip4)): "one job",
                        (("node2", c.hosts["login"].ip4)): "several, unknown",
                        (("node2", c.hosts["node1"].ip4)): "several, callerid"})
         c.cancel_all()
     finally:
         c.down()
+
+
+def paired(xs, ys, boot=2000):
+    """Median of xs[i] - ys[i] with a percentile bootstrap 95% interval, as text."""
+    import random
+    d = [x - y for x, y in zip(xs, ys)]
+    rnd = random.Random(1)
+    meds = sorted(statistics.median(rnd.choices(d, k=len(d))) for _ in range(boot))
+    return f"{statistics.median(d):+6.1f} [{meds[int(boot * .025)]:+5.1f},{meds[int(boot * .975)]:+5.1f}]"
 
 
 def stages(audit, pathof):
