@@ -19,7 +19,8 @@ action_no_jobs=deny|ignore, action_unknown=newest|allow|deny|user,
 action_adopt_failure=allow|deny, action_generic_failure=ignore|allow|deny, disable_x11=0|1,
 ignore_root=0|1, join_container=true|false, log_level=quiet..debug5, nodename=NAME,
 service=NAME|*, single_job_skip_rpc=0|1; ours: rpc_timeout=SECONDS (1.0), port=N,
-config=PATH (/etc/slurm/callerid.conf), audit=PATH|none, quiet, onerror=fail|ignore.
+config=PATH (/etc/slurm/callerid.conf), audit=PATH|none, quiet, onerror=fail|ignore,
+cgroup_warmup=0|1 (default 1; see pam_callerid/build.py).
 
 Modules: build (the .so), options + policy (pure), hook (I/O edge called by the shim),
 backend (adapters to cgroups/ and daemon/), audit (records + ``callerid audit`` reader).
