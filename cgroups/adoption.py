@@ -12,6 +12,7 @@ import os
 
 from .errors import AdoptionFailed, JobGone, LayoutNotFound, PermissionDenied, PidGone
 from . import paths as _p
+from .jobs import read_small
 
 
 def _write_pid(path, pid, job_id, what):
@@ -49,12 +50,10 @@ def _pid_alive(pid):
 
 
 def _read_proc_cgroup(pid):
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            return _p.parse_proc_cgroup(f.read())
-    except (FileNotFoundError, ProcessLookupError):
-        raise PidGone(f"pid {pid} exited during adoption (cannot read /proc/{pid}/cgroup)",
-                      pid) from None
+    data = read_small(f"/proc/{pid}/cgroup")
+    if not data:
+        raise PidGone(f"pid {pid} exited during adoption (cannot read /proc/{pid}/cgroup)", pid)
+    return _p.parse_proc_cgroup(data.decode("utf-8", "replace"))
 
 
 def extern_targets(layout, job):

@@ -197,8 +197,6 @@ def real_uid(pid, proc="/proc"):
         return None
 
 
-_real_uid = real_uid
-
 
 def v2_owner_from_tasks(job_dir):
     """Owner of a v2 job from its non-extern task processes (see module docstring), or None."""
@@ -210,7 +208,7 @@ def v2_owner_from_tasks(job_dir):
             if not task.startswith("task_") or task == "task_special":
                 continue
             for pid in _read_pids(f"{user}/{task}/cgroup.procs"):
-                uid = _real_uid(pid)
+                uid = real_uid(pid)
                 if uid is not None:
                     return uid
     return None

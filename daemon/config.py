@@ -159,31 +159,19 @@ KEY_NAMES = {
     "querytimeout": "QueryTimeout",
 }
 
-# Keys the PAM module reads from the same file; accepted (and ignored) here.
-FOREIGN_KEYS: set[str] = set()
+# Keys the PAM module reads from the same file (pam_callerid/backend.py, PAM_KEYS): accepted
+# and ignored here, so a shared file does not make the daemon warn about them.
+FOREIGN_KEYS = frozenset(k.lower() for k in (
+    "PamSlurmConf", "PamCgroupConf", "PamSpoolDir", "PamCgroupRoot", "PamCgroupPlugin",
+    "PamV1Prefix", "PamV2Scope", "PamUserCgroup", "PamNegativeCacheTTL"))
 
 
 def _parse_text(text: str, filename: str):
+    from cgroups.conf import parse_conf_text     # the project's one slurm.conf-style reader
     try:
-        from cgroups.conf import parse_conf_text
-    except Exception:  # cgroups package unavailable: minimal fallback
-        parse_conf_text = None
-    if parse_conf_text is not None:
-        try:
-            return parse_conf_text(text, filename)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        for tok in line.split():
-            if "=" not in tok:
-                raise ConfigError(f"{filename}:{n}: expected Key=Value, got {tok!r}")
-            k, v = tok.split("=", 1)
-            out.append((k, v, n))
-    return out
+        return parse_conf_text(text, filename)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_config(text: str, filename: str = "<string>", *, strict: bool = False) -> Config:

@@ -6,8 +6,7 @@ Interface used by daemon.lookup (any object with these two methods works; unit t
     job_of_pid(pid) -> (job_id, job_uid) | None
 
 pid -> job goes through the project's `cgroups.job_of_pid` (every Slurm layout: v1
-`slurm[_<node>]/uid_<U>/job_<J>/...`, v2 `[<node>_]slurmstepd.scope/job_<J>/...`); without that
-package, a `job_<N>` path component.  The owner is `uid_<U>` of v1 paths, else the process's
+`slurm[_<node>]/uid_<U>/job_<J>/...`, v2 `[<node>_]slurmstepd.scope/job_<J>/...`).  The owner is `uid_<U>` of v1 paths, else the process's
 real uid (cgroup v2 paths carry no uid, the cgroups package resolves v2 owners the same way).
 Job dirs named by an opaque Slurm 26.05 SLUID (no numeric id) count as "not in a job".
 
@@ -25,8 +24,6 @@ import time
 
 from cgroups import jobs as _cg     # small readers shared with the cgroups package
 
-_JOB_RE = re.compile(r"/job_(\d+)(?:/|$)")
-_UID_RE = re.compile(r"/uid_(\d+)(?:/|$)")
 _JOBDIR_RE = re.compile(r"^job_(\d+)$")
 
 
@@ -38,27 +35,9 @@ def default_roots() -> list[str]:
     return roots or [base]
 
 
-def parse_proc_cgroup(text: str):
-    """Fallback parser: -> (job_id, uid or None) from /proc/PID/cgroup text, or None."""
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        path = parts[2]
-        m = _JOB_RE.search(path)
-        if m:
-            u = _UID_RE.search(path)
-            return int(m.group(1)), (int(u.group(1)) if u else None)
-    return None
-
-
-def real_uid(pid: int, proc: str = "/proc") -> int | None:
-    return _cg.real_uid(pid, proc)
-
-
 class CgroupJobs:
     def __init__(self, roots: list[str] | None = None, refresh: float = 2.0, max_depth: int = 8,
-                 proc: str = "/proc", use_cgroups_pkg: bool = True, node: str | None = None):
+                 proc: str = "/proc", node: str | None = None):
         self.roots = list(roots) if roots else default_roots()
         self.refresh = refresh
         self.max_depth = max_depth
@@ -67,13 +46,6 @@ class CgroupJobs:
         self._lock = threading.Lock()
         self._dirs: list[str] = []
         self._stamp = 0.0
-        self._pkg_job_of_pid = None
-        if use_cgroups_pkg:
-            try:
-                import cgroups
-                self._pkg_job_of_pid = cgroups.job_of_pid
-            except Exception:
-                self._pkg_job_of_pid = None
 
     # -- job pids -------------------------------------------------------------------------------
     def _scan_dirs(self) -> list[str]:
@@ -119,30 +91,14 @@ class CgroupJobs:
 
     # -- pid -> job -----------------------------------------------------------------------------
     def job_of_pid(self, pid: int):
-        if self._pkg_job_of_pid is not None:
-            try:
-                ref = self._pkg_job_of_pid(pid, self.node)
-            except Exception:
-                ref = None
-            if ref is None:
-                return None
-            job = getattr(ref, "job_id", None)
-            if not isinstance(job, int):
-                return None  # SLUID-named job dir (Slurm 26.05+) without a numeric id
-            uid = getattr(ref, "uid", None)
-            if uid is None:
-                uid = real_uid(pid, self.proc)
-            return (job, uid) if uid is not None else None
-        data = _cg.read_small(f"{self.proc}/{pid}/cgroup")
-        if not data:
+        try:
+            ref = _cg.job_of_pid(pid, self.node)
+        except Exception:          # malformed /proc/PID/cgroup text: not a job we can name
             return None
-        r = parse_proc_cgroup(data.decode("utf-8", "replace"))
-        if r is None:
-            return None
-        job, uid = r
-        if uid is None:
-            uid = real_uid(pid, self.proc)
-        return (job, uid) if uid is not None else None
+        if ref is None or not isinstance(ref.job_id, int):
+            return None            # not in a job, or a SLUID-named job dir (Slurm 26.05+)
+        uid = ref.uid if ref.uid is not None else _cg.real_uid(pid, self.proc)
+        return (ref.job_id, uid) if uid is not None else None
 
 
 class LayoutJobs(CgroupJobs):

@@ -171,7 +171,7 @@ class _Conn:
         """The request is usually there already (the client sends right after connecting):
         try it before registering with the selector."""
         self._readable()
-        if not self.done and self.read_by and not self.reading:
+        if not self.done and self.read_by:
             self.loop.add_reader(self.fd, self._readable)
             self.reading = True
 

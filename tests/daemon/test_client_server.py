@@ -30,7 +30,7 @@ class ServerThread:
     def __init__(self, auth, **cfgkw):
         cfg = Config(port=0, listen_addresses=["127.0.0.1"], node_name="testnode",
                      cgroup_roots=["/nonexistent"], **cfgkw)
-        self.lookup = Lookup(CgroupJobs(["/nonexistent"], use_cgroups_pkg=False))
+        self.lookup = Lookup(CgroupJobs(["/nonexistent"]))
         self.cfg = cfg
         self.auth = auth
         self.loop = asyncio.new_event_loop()
@@ -465,3 +465,12 @@ def test_config_from_parsed_entries_matches_file(tmp_path):
     b = config_from_entries(load_conf(str(p)).entries(), str(p))
     assert vars(a) == vars(b)
     assert b.port == 6999 and b.auth_type == "hmac" and b.query_timeout == 0.5
+
+
+def test_pam_keys_in_shared_file_are_not_unknown_to_the_daemon():
+    from daemon.config import FOREIGN_KEYS, parse_config
+    from pam_callerid.backend import PAM_KEYS
+    ours = {k.lower() for k in PAM_KEYS} - {"nodename"}        # NodeName is a daemon key too
+    assert ours == set(FOREIGN_KEYS)
+    cfg = parse_config("Port=6999\n" + "".join(f"{k}=x\n" for k in PAM_KEYS), "shared.conf")
+    assert cfg.unknown_keys == [] and cfg.node_name == "x"

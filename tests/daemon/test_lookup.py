@@ -6,7 +6,8 @@ import socket
 import pytest
 
 from daemon import protocol as P
-from daemon.jobs import CgroupJobs, parse_proc_cgroup, real_uid
+from cgroups.jobs import real_uid
+from daemon.jobs import CgroupJobs
 from daemon.lookup import Lookup, Pyroute2Diag, SockDiag, procnet_find, pid_has_inode
 
 BACKENDS = ["sockdiag", "pyroute2", "procnet"]
@@ -150,15 +151,6 @@ def test_scan_all_stage_for_other_owner(tcp_pair):
     r = lk.find_pid(os.fstat(cli.fileno()).st_ino, 54321)
     assert r == (os.getpid(), "all", (5, 0))
     assert Lookup(jobs, scan_all=False).find_pid(os.fstat(cli.fileno()).st_ino, 54321)[0] is None
-
-
-def test_parse_proc_cgroup_fallback():
-    v1 = "6:freezer:/slurm_node2/uid_2001/job_16/step_extern\n5:devices:/slurm_node2/uid_2001/job_16/step_extern\n"
-    assert parse_proc_cgroup(v1) == (16, 2001)
-    v2 = "0::/system.slice/slurmstepd.scope/job_10/step_0/user/task_0\n"
-    assert parse_proc_cgroup(v2) == (10, None)
-    assert parse_proc_cgroup("0::/user.slice\n") is None
-    assert parse_proc_cgroup("garbage") is None
 
 
 def test_cgroup_jobs_pid_to_job_for_ordinary_process():
