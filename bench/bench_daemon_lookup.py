@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.testbed.cluster import rmdir_retry  # noqa: E402
+from testbed.cluster import rmdir_retry  # noqa: E402
 
 from daemon import protocol as P  # noqa: E402
 from daemon.jobs import CgroupJobs  # noqa: E402

@@ -1,5 +1,5 @@
 """ssh login latency added by the adoption module: none vs pam_slurm_adopt vs pam_callerid,
-on the same real cluster (tests/testbed), interleaved, medians of N logins per cell.
+on the same real cluster (testbed/), interleaved, medians of N logins per cell.
 
     /opt/slurm-callerid/bin/python bench/bench_login.py [--rounds 40]     (as root)
 
@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.scenarios import use_pam_callerid  # noqa: E402
-from tests.testbed.cluster import Cluster  # noqa: E402
+from testbed.adopters import use_pam_callerid  # noqa: E402
+from testbed.cluster import Cluster  # noqa: E402
 
 CONFIGS = ["none", "pam_slurm_adopt", "pam_callerid"]
 

@@ -3,7 +3,7 @@ ssh logins, and what the adoption module decided for each.
 
     bash packaging/run demo            (or: python -m pam_callerid.demo [--module pam_slurm_adopt])
 
-Brings up the test bed of tests/testbed (3 nodes, a controller and a login node, each in its
+Brings up the test bed of testbed/ (3 nodes, a controller and a login node, each in its
 own namespaces), plays the adoption scenarios, prints each decision with the cgroup the
 session landed in and the module's own log lines, and tears everything down.
 """
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--subnet", type=int, default=3, help="10.199.<subnet>.0/24 for the test bed")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from tests.testbed.cluster import Cluster
+    from testbed.cluster import Cluster
 
     c = Cluster(nodes=3, prefix=args.prefix, subnet=args.subnet)
     print("== bringing up a 3-node Slurm cluster in network namespaces ...", flush=True)

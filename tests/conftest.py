@@ -1,5 +1,5 @@
 """Shared fixtures. The real-cluster fixture lives here so that every component's tests can
-use it: `cluster` is one session-wide Slurm mini-cluster (tests/testbed/cluster.py), brought
+use it: `cluster` is one session-wide Slurm mini-cluster (testbed/cluster.py), brought
 up on first use and torn down at the end of the session (also on failure or Ctrl-C)."""
 import os
 import sys
@@ -23,9 +23,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def cluster():
-    from tests.testbed.cluster import Cluster
+    from testbed.cluster import Cluster
     nodes = int(os.environ.get("CID_TESTBED_NODES", "3"))
-    c = Cluster(nodes=nodes)
+    # several suites may run side by side on one machine, each with its own prefix and subnet
+    c = Cluster(nodes=nodes, prefix=os.environ.get("CID_TESTBED_PREFIX", "cid"),
+                subnet=int(os.environ.get("CID_TESTBED_SUBNET", "3")))
     c.up()
     print(f"\n[testbed] {nodes}-node cluster up in {c.bringup_seconds:.2f} s", file=sys.stderr)
     try:

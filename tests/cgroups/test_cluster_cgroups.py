@@ -1,4 +1,4 @@
-"""cgroups against the real Slurm 22.05 test bed (tests/testbed, fixture `cluster`)."""
+"""cgroups against the real Slurm 22.05 test bed (testbed/, fixture `cluster`)."""
 import subprocess
 import time
 

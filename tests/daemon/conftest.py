@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.cluster import rmdir_retry
+from testbed.cluster import rmdir_retry
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.scenarios import ADOPTERS
+from testbed.adopters import ADOPTERS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root]
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.scenarios import PAM_SLURM_ADOPT, stop_pam_callerid, use_pam_callerid
+from testbed.adopters import PAM_SLURM_ADOPT, stop_pam_callerid, use_pam_callerid
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root]
 
@@ -81,7 +81,7 @@ def test_hung_daemon_costs_at_most_rpc_timeout_then_newest(ours):
     base = c.ssh("alice", "node1", "node2", "true", job=b)
     assert base.rc == 0
     daemon = c.hosts["node1"].daemons["callerid"]
-    from tests.testbed.cluster import _children_tree
+    from testbed.cluster import _children_tree
     pids = _children_tree(daemon.pid)
     for p in pids:
         os.kill(p, signal.SIGSTOP)  # accepts connections (kernel backlog), never answers

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.cluster import Cluster
+from testbed.cluster import Cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root]
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def _child_script(prefix, subnet, then):
     return textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from tests.testbed.cluster import Cluster
+        from testbed.cluster import Cluster
         c = Cluster(nodes=1, prefix={prefix!r}, subnet={subnet}, node_prefix="x{prefix}n")
         c.up()
         c.sbatch("alice", nodes=c.nodes)

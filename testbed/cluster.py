@@ -123,9 +123,11 @@ class Cluster:
         self._atexit = False
         self._pam = {}
         self._lockfd = None
-        # One test bed per prefix at a time on this machine (several test runs may share it):
-        # an flock on a file next to this module, held from up() to the end of down().
-        self._lockpath = HERE / f".lock-{prefix}"
+        # One test bed per node-name set at a time on this machine: Slurm names its v1 cgroups
+        # after the nodes (slurm_<node>), so two clusters with the same node names would share
+        # them whatever their prefixes. An flock next to this module, held from up() to the end
+        # of down(); other runs wait for it.
+        self._lockpath = HERE / f".lock-{node_prefix}"
 
     def _lock(self, timeout: float = 1800) -> None:
         import fcntl
@@ -140,7 +142,7 @@ class Cluster:
             except BlockingIOError:
                 if time.monotonic() > end:
                     os.close(fd)
-                    raise TestbedError(f"another test bed with prefix {self.prefix!r} is in use (lock {self._lockpath})")
+                    raise TestbedError(f"another test bed with the same node names is in use (lock {self._lockpath})")
                 time.sleep(0.5)
         self._lockfd = fd
 
