@@ -80,7 +80,7 @@ def cmd_daemon(args) -> int:
     from .server import run
     import asyncio
     jobs = make_jobs(cfg, log)
-    lookup = Lookup(jobs, sockdiag=cfg.sock_diag, scan_all=cfg.scan_all_processes)
+    lookup = Lookup(jobs, sockdiag=cfg.sock_diag, scan_all=False)
     try:
         return asyncio.run(run(cfg, auth, lookup))
     except OSError as e:

@@ -165,7 +165,7 @@ class _Conn:
         self.out = b""
         cfg = srv.cfg
         self.end_by = now + cfg.connection_timeout
-        self.read_by = min(now + cfg.read_timeout, self.end_by)
+        self.read_by = min(now + cfg.request_timeout, self.end_by)
 
     def start(self):
         """The request is usually there already (the client sends right after connecting):
@@ -227,7 +227,6 @@ class _Conn:
             self._bad(e)
             return
         if not frames:
-            self.read_by = min(self.loop.time() + self.srv.cfg.read_timeout, self.end_by)
             return
         self.read_by = 0.0            # no more reads: the request is complete
         if self.reading:
@@ -487,9 +486,8 @@ async def run(cfg, auth, lookup, *, ready=None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, srv.request_stop)
-    log.info("event=listening node=%s addresses=%s auth=%s sockdiag=%s scan_all=%s pid=%d",
-             srv.handler.node, ",".join(bound), auth.name, lookup.sock_backend,
-             cfg.scan_all_processes, os.getpid())
+    log.info("event=listening node=%s addresses=%s auth=%s sockdiag=%s pid=%d",
+             srv.handler.node, ",".join(bound), auth.name, lookup.sock_backend, os.getpid())
     if ready is not None:
         ready(srv)
     await srv.serve_until_stopped()

@@ -74,7 +74,7 @@ def _setup(e, d, netpair, jobcg, munged, mprocs):
     write_key(e.key)
     e.badkey = str(d / "wrong.key")
     write_key(e.badkey)
-    common = f"NodeName=nodeA\nLogLevel=debug\nCgroupRoots={jobcg.root}\nScanAllProcesses=yes\nMungeSocket={munged.socket}\n"
+    common = f"NodeName=nodeA\nLogLevel=debug\nCgroupRoots={jobcg.root}\nMungeSocket={munged.socket}\n"
     e.cfg_munge = d / "munge.conf"
     e.cfg_munge.write_text(common + f"AuthType=munge\nPort={MUNGE_PORT}\n")
     e.cfg_hmac = d / "hmac.conf"
