@@ -1,9 +1,8 @@
 """/etc/slurm/callerid.conf: Key=Value lines in slurm.conf style (keys case-insensitive).
 
-Shared by the daemon, the `callerid` CLI and the PAM module.  Every key is documented in
+Shared by the daemon, the `callerid` CLI and the PAM decision service (its Pam* keys).  Every key is documented in
 daemon/README.md.  Bad values are errors naming file, line and key.  Unknown keys are errors
-with strict=True; otherwise (the default, since the PAM module keeps its own keys in the same
-file) they are collected in Config.unknown_keys and the daemon logs a warning for each.
+with strict=True; otherwise (the default) they are collected in Config.unknown_keys and the daemon logs a warning for each.
 """
 from __future__ import annotations
 
@@ -58,6 +57,16 @@ _FIELDS = (
     ("log_level", "info"),
     ("query_timeout", 2.0),
     ("reserved_source_port", True),
+    ("pam_socket", "/run/callerid/pam.sock"),
+    ("pam_workers", 32),
+    ("pam_negative_cache_ttl", 60.0),
+    ("pam_cgroup_conf", None),
+    ("pam_spool_dir", None),
+    ("pam_cgroup_root", None),
+    ("pam_cgroup_plugin", None),
+    ("pam_v1_prefix", None),
+    ("pam_v2_scope", None),
+    ("pam_user_cgroup", None),
     ("source", "<defaults>"),
     ("unknown_keys", []),
 )
@@ -166,11 +175,25 @@ KEY_NAMES = {
     "querytimeout": "QueryTimeout", "reservedsourceport": "ReservedSourcePort",
 }
 
-# Keys the PAM module reads from the same file (pam_callerid/backend.py, PAM_KEYS): accepted
-# and ignored here, so a shared file does not make the daemon warn about them.
-FOREIGN_KEYS = frozenset(k.lower() for k in (
-    "PamSlurmConf", "PamCgroupConf", "PamSpoolDir", "PamCgroupRoot", "PamCgroupPlugin",
-    "PamV1Prefix", "PamV2Scope", "PamUserCgroup", "PamNegativeCacheTTL"))
+# Keys of the PAM decision service (pam_callerid/service.py, run inside `callerid daemon`):
+# the same file, the same parser, one schema. Key -> (attribute, converter, check); the
+# Pam<...> layout overrides are for non-standard installations and synthetic test nodes
+# (passed to cgroups.discover). SlurmConf and NodeName above serve both.
+_PAM_KEYS = {
+    "PamSocket": ("pam_socket", str, os.path.isabs),
+    "PamWorkers": ("pam_workers", int, lambda x: 0 < x <= 256),
+    "PamNegativeCacheTTL": ("pam_negative_cache_ttl", float, lambda x: x >= 0),
+    "PamCgroupConf": ("pam_cgroup_conf", str, os.path.isabs),
+    "PamSpoolDir": ("pam_spool_dir", str, os.path.isabs),
+    "PamCgroupRoot": ("pam_cgroup_root", str, bool),
+    "PamCgroupPlugin": ("pam_cgroup_plugin", lambda v: v.strip().lower(),
+                        lambda x: x in ("cgroup/v1", "cgroup/v2", "autodetect")),
+    "PamV1Prefix": ("pam_v1_prefix", str, bool),
+    "PamV2Scope": ("pam_v2_scope", str, bool),
+    "PamUserCgroup": ("pam_user_cgroup", str, bool),
+}
+_KEYS.update((k.lower(), v) for k, v in _PAM_KEYS.items())
+KEY_NAMES.update((k.lower(), k) for k in _PAM_KEYS)
 
 
 def _parse_text(text: str, filename: str):
@@ -195,8 +218,6 @@ def config_from_entries(entries, filename: str, *, strict: bool = False) -> Conf
             raise ConfigError(f"{filename}:{lineno}: Include is not supported in callerid.conf")
         spec = _KEYS.get(lk)
         if spec is None:
-            if lk in FOREIGN_KEYS:
-                continue
             if not strict:
                 cfg.unknown_keys.append(f"{filename}:{lineno}: {key}")
                 continue

@@ -470,10 +470,13 @@ def test_config_from_parsed_entries_matches_file(tmp_path):
     assert b.port == 6999 and b.auth_type == "hmac" and b.query_timeout == 0.5
 
 
-def test_pam_keys_in_shared_file_are_not_unknown_to_the_daemon():
-    from daemon.config import FOREIGN_KEYS, parse_config
-    from pam_callerid.backend import PAM_KEYS
-    ours = {k.lower() for k in PAM_KEYS} - {"nodename"}        # NodeName is a daemon key too
-    assert ours == set(FOREIGN_KEYS)
-    cfg = parse_config("Port=6999\n" + "".join(f"{k}=x\n" for k in PAM_KEYS), "shared.conf")
-    assert cfg.unknown_keys == [] and cfg.node_name == "x"
+def test_pam_keys_are_part_of_the_one_schema():
+    from daemon.config import ConfigError, parse_config
+    cfg = parse_config("Port=6999\nPamSocket=/run/x/pam.sock\nPamWorkers=8\n"
+                       "PamNegativeCacheTTL=0\nPamSpoolDir=/s\nPamCgroupPlugin=cgroup/V1\n",
+                       "shared.conf")
+    assert cfg.unknown_keys == []
+    assert (cfg.pam_socket, cfg.pam_workers, cfg.pam_negative_cache_ttl, cfg.pam_spool_dir,
+            cfg.pam_cgroup_plugin) == ("/run/x/pam.sock", 8, 0.0, "/s", "cgroup/v1")
+    with pytest.raises(ConfigError, match="shared.conf:1: bad value for PamSocket"):
+        parse_config("PamSocket=relative.sock\n", "shared.conf")
