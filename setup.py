@@ -5,15 +5,22 @@ the interpreter the PAM module embeds), never into the system site-packages: the
 names `daemon` and `cgroups` are generic and would clash with other distributions.
 See packaging/run.
 """
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+# the one definition of the version: daemon/version.py
+VERSION = re.search(r'^VERSION = "([^"]+)"', (Path(__file__).parent / "daemon" / "version.py").read_text(), re.M)[1]
 
 setup(
     name="slurm-callerid",
-    version="0.1.0",
+    version=VERSION,
+    license="MIT",
     description="Adopt ssh sessions into Slurm jobs via an authenticated caller-ID daemon",
     python_requires=">=3.11",
     packages=["pam_callerid", "daemon", "cgroups"],
-    install_requires=["psutil>=5.9", "pyroute2>=0.7", "cffi>=1.15"],
+    install_requires=["psutil>=5.9", "pyroute2>=0.7", "cffi>=1.15", "prometheus-client>=0.16"],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "python-pam>=2.0"]},
     entry_points={"console_scripts": ["callerid = pam_callerid.cli:main"]},
 )
