@@ -67,6 +67,8 @@ _FIELDS = (
     ("pam_v1_prefix", None),
     ("pam_v2_scope", None),
     ("pam_user_cgroup", None),
+    ("metrics_file", None),
+    ("metrics_interval", 15.0),
     ("source", "<defaults>"),
     ("unknown_keys", []),
 )
@@ -194,6 +196,14 @@ _PAM_KEYS = {
 }
 _KEYS.update((k.lower(), v) for k, v in _PAM_KEYS.items())
 KEY_NAMES.update((k.lower(), k) for k in _PAM_KEYS)
+
+# Metrics (daemon/metrics.py): a node_exporter textfile written every MetricsInterval s.
+_METRICS_KEYS = {
+    "MetricsFile": ("metrics_file", str, os.path.isabs),
+    "MetricsInterval": ("metrics_interval", float, lambda x: 1 <= x <= 3600),
+}
+_KEYS.update((k.lower(), v) for k, v in _METRICS_KEYS.items())
+KEY_NAMES.update((k.lower(), k) for k in _METRICS_KEYS)
 
 
 def _parse_text(text: str, filename: str):
