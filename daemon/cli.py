@@ -2,7 +2,8 @@
 
 Exit status of `callerid query`:
     0 found, 1 unknown, 2 refused, 3 unreachable, 4 invalid reply (forged/wrong nonce/malformed),
-    5 daemon error, 6 local error (cannot sign: munged down here, bad key), 64 usage/config error.
+    5 daemon error, 6 local error (cannot sign: munged down here, bad key), 7 busy (our uid is
+    rate-limited by that daemon), 64 usage/config error.
 `callerid daemon`: 0 after SIGTERM/SIGINT, 64 bad config, 65 bad key/auth, 69 cannot listen.
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ import logging
 import os
 import sys
 
-EXIT_FOUND, EXIT_UNKNOWN, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_INVALID, EXIT_ERROR, EXIT_LOCAL = range(7)
+(EXIT_FOUND, EXIT_UNKNOWN, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_INVALID, EXIT_ERROR, EXIT_LOCAL,
+ EXIT_BUSY) = range(8)
 EXIT_USAGE = 64
 EXIT_BADKEY = 65
 EXIT_LISTEN = 69
@@ -63,26 +65,19 @@ def cmd_daemon(args) -> int:
     log = logging.getLogger("callerid")
     for k in cfg.unknown_keys:
         log.warning("event=config-unknown-key key=%s", k)
-    from .auth import AuthError, make_auth
+    from .auth import AuthError
+    from .server import make_auth_checked, make_lookup, reloader, run
     try:
-        auth = make_auth(cfg.auth_type, key_file=cfg.key_file, munge_socket=cfg.munge_socket,
-                         munge_ttl=cfg.munge_ttl)
-        if cfg.auth_type == "munge":
-            # prove munged works now rather than failing on every request later
-            from . import protocol as P
-            blob = auth.sign(P.TYPE_REPLY, b"callerid-selftest")
-            auth.verify(P.TYPE_REPLY, b"callerid-selftest", blob)
+        auth = make_auth_checked(cfg)
     except AuthError as e:
         _err(f"authentication setup failed ({cfg.auth_type}): {e}")
         return EXIT_BADKEY
-    from .jobs import make_jobs
-    from .lookup import Lookup
-    from .server import run
     import asyncio
-    jobs = make_jobs(cfg, log)
-    lookup = Lookup(jobs, sockdiag=cfg.sock_diag, scan_all=False)
+    lookup = make_lookup(cfg)
+    overrides = {k: v for k, v in (("port", args.port), ("log_level", args.log_level))
+                 if v is not None}
     try:
-        return asyncio.run(run(cfg, auth, lookup))
+        return asyncio.run(run(cfg, auth, lookup, reload=reloader(args.config, overrides)))
     except OSError as e:
         _err(str(e))
         return EXIT_LISTEN
@@ -112,7 +107,8 @@ def cmd_query(args) -> int:
     port = args.port or cfg.port
     timeout = args.timeout or cfg.query_timeout
     ans = C.query(args.host, port, args.src, args.dst, auth=auth, timeout=timeout,
-                  proto=args.proto, trusted_uids=cfg.reply_uids())
+                  proto=args.proto, trusted_uids=cfg.reply_uids(),
+                  reserved_port=cfg.reserved_source_port)
     if ans.outcome == C.FOUND:
         print(f"job_id={ans.job_id} node={ans.node} uid={ans.job_uid}")
     else:
@@ -120,7 +116,7 @@ def cmd_query(args) -> int:
               + (f": {ans.detail}" if ans.detail else ""))
     return {C.FOUND: EXIT_FOUND, C.UNKNOWN: EXIT_UNKNOWN, C.REFUSED: EXIT_REFUSED,
             C.UNREACHABLE: EXIT_UNREACHABLE, C.INVALID: EXIT_INVALID, C.ERROR: EXIT_ERROR,
-            C.LOCAL_ERROR: EXIT_LOCAL}[ans.outcome]
+            C.LOCAL_ERROR: EXIT_LOCAL, C.BUSY: EXIT_BUSY}[ans.outcome]
 
 
 def cmd_keygen(args) -> int:

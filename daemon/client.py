@@ -3,6 +3,16 @@ modules _socket and _struct; no socket, enum, dataclasses or ipaddress; cffi/lib
 when a MungeAuth is built), one total wall-clock deadline, and no exception for network
 trouble: every outcome is a typed `Answer`.
 
+`Answer.cacheable` says whether a failure may be negative-cached as "no daemon there": True
+only when the connection could not be made for a reason that says so -- refused (nothing
+listens), no route / host unreachable, or the connect timed out.  Once connected, nothing
+is cacheable: a reset or a close from a running daemon, a "busy" (rate-limited) answer, a
+timeout waiting for the reply, a rejected reply.
+
+Run as root (and `reserved_port`, config ReservedSourcePort), the client connects from a
+reserved source port (600-1023): only root on this host can, and the daemon serves such
+connections first (daemon.admission).  If no such port is free it uses an ordinary one.
+
     from daemon.client import query, auth_from_config
     ans = query("10.0.0.5", 6820, ("10.0.0.5", 40022), ("10.0.0.7", 22),
                 auth=auth_from_config(cfg), timeout=2.0)
@@ -13,6 +23,8 @@ from __future__ import annotations
 import time
 
 import _socket
+import errno as _errno
+import posix as _posix
 
 from . import protocol as P
 
@@ -20,22 +32,31 @@ FOUND = "found"
 UNKNOWN = "unknown"
 REFUSED = "refused"
 ERROR = "error"              # the daemon answered "error" (its lookup failed)
+BUSY = "busy"                # the daemon rate-limits our uid (never for root): ask later
 UNREACHABLE = "unreachable"  # no connection, timeout, or closed without a reply
 INVALID = "invalid"          # a reply came but was rejected (forged, wrong nonce, malformed)
 LOCAL_ERROR = "local-error"  # we could not build a request (bad arguments, munged down here)
 
-OUTCOMES = (FOUND, UNKNOWN, REFUSED, ERROR, UNREACHABLE, INVALID, LOCAL_ERROR)
+OUTCOMES = (FOUND, UNKNOWN, REFUSED, ERROR, BUSY, UNREACHABLE, INVALID, LOCAL_ERROR)
 _STATUS_OUTCOME = {P.STATUS_FOUND: FOUND, P.STATUS_UNKNOWN: UNKNOWN,
-                   P.STATUS_REFUSED: REFUSED, P.STATUS_ERROR: ERROR}
+                   P.STATUS_REFUSED: REFUSED, P.STATUS_ERROR: ERROR, P.STATUS_BUSY: BUSY}
+
+# connect() errors that say "no daemon there" (negative-cacheable); a timeout of connect too
+_NO_DAEMON = {_errno.ECONNREFUSED: "connection refused", _errno.EHOSTUNREACH: "host unreachable",
+              _errno.ENETUNREACH: "no route to network"}
+RESERVED_FIRST, RESERVED_LAST = 600, 1023     # as glibc's bindresvport(3)
+_RESERVED_TRIES = 8
 
 
 class Answer(P._Frozen):
-    """Immutable; equality, hash and repr over the fields (like a frozen dataclass)."""
+    """Immutable; equality, hash and repr over the fields (like a frozen dataclass).
+    `cacheable`: the failure says no daemon is there (see the module docstring)."""
 
-    __slots__ = ("outcome", "job_id", "job_uid", "node", "detail", "elapsed_ms")
+    __slots__ = ("outcome", "job_id", "job_uid", "node", "detail", "elapsed_ms", "cacheable")
 
     def __init__(self, outcome: str, job_id: int | None = None, job_uid: int | None = None,
-                 node: str | None = None, detail: str = "", elapsed_ms: float = 0.0):
+                 node: str | None = None, detail: str = "", elapsed_ms: float = 0.0,
+                 cacheable: bool = False):
         _set = P._set
         _set(self, "outcome", outcome)
         _set(self, "job_id", job_id)
@@ -43,6 +64,7 @@ class Answer(P._Frozen):
         _set(self, "node", node)
         _set(self, "detail", detail)
         _set(self, "elapsed_ms", elapsed_ms)
+        _set(self, "cacheable", cacheable)
 
     @property
     def found(self) -> bool:
@@ -73,17 +95,18 @@ def auth_from_config(cfg):
 
 
 def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: str = "tcp",
-          trusted_uids=frozenset({0}), request: P.Request | None = None) -> Answer:
+          trusted_uids=frozenset({0}), request: P.Request | None = None,
+          reserved_port: bool = True) -> Answer:
     """Ask the caller-ID daemon on `host` which job owns its end (src) of the connection
     src -> dst.  Never raises for network trouble; never takes longer than `timeout` seconds
     (plus one munge round trip to the local munged for signing/verifying)."""
     t0 = time.monotonic()
     deadline = t0 + timeout
 
-    def done(outcome, detail="", reply: P.Reply | None = None):
+    def done(outcome, detail="", reply: P.Reply | None = None, cacheable=False):
         el = (time.monotonic() - t0) * 1e3
         if reply is None:
-            return Answer(outcome, detail=detail, elapsed_ms=el)
+            return Answer(outcome, detail=detail, elapsed_ms=el, cacheable=cacheable)
         found = reply.status == P.STATUS_FOUND
         return Answer(outcome, reply.job_id if found else None, reply.job_uid if found else None,
                       reply.node or None, detail, el)
@@ -104,27 +127,68 @@ def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: 
                                     _socket.AI_NUMERICSERV)
     except (OSError, UnicodeError) as e:
         return done(UNREACHABLE, f"resolve {host}: {e}")
-    last = "no address"
+    reserved = reserved_port and _posix.geteuid() == 0
+    last, no_daemon = "no address", True
     for fam, st, pr, _, addr in infos:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return done(UNREACHABLE, f"timeout ({last})")
-        try:
-            s = _socket.socket(fam, st | _socket.SOCK_CLOEXEC, pr)
-        except OSError as e:
-            last = str(e)
+        s, why, cacheable = _connect(fam, st, pr, addr, deadline, reserved)
+        if s is None:
+            last = why
+            no_daemon = no_daemon and cacheable
             continue
         try:
-            s.settimeout(remaining)
-            try:
-                s.connect(addr)
-            except OSError as e:
-                last = f"connect {addr[0]}:{addr[1]}: {e.strerror or e}"
-                continue
             return _exchange(s, frame, request, auth, deadline, trusted_uids, done)
         finally:
             s.close()
-    return done(UNREACHABLE, last)
+    return done(UNREACHABLE, last, cacheable=no_daemon)
+
+
+def _connect(fam, st, pr, addr, deadline, reserved):
+    """-> (connected socket, "", _) or (None, why, cacheable)."""
+    where = f"connect {addr[0]}:{addr[1]}"
+    tries = _RESERVED_TRIES if reserved else 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:                    # spent before connecting: says nothing
+            return None, f"{where}: no time left", False
+        try:
+            s = _socket.socket(fam, st | _socket.SOCK_CLOEXEC, pr)
+        except OSError as e:
+            return None, f"socket: {e}", False
+        try:
+            if tries:
+                tries -= 1
+                if not _bind_reserved(s, fam):
+                    tries = 0
+            s.settimeout(remaining)
+            s.connect(addr)
+            return s, "", False
+        except TimeoutError:
+            s.close()
+            return None, f"{where}: timeout", True
+        except OSError as e:
+            s.close()
+            if e.errno == _errno.EADDRNOTAVAIL and tries:
+                continue          # this reserved port is taken towards that daemon: another
+            if e.errno in _NO_DAEMON:
+                return None, f"{where}: {_NO_DAEMON[e.errno]}", True
+            return None, f"{where}: {e.strerror or e}", False
+
+
+def _bind_reserved(s, fam) -> bool:
+    """Bind a random free port in RESERVED_FIRST..RESERVED_LAST; False when none was free
+    (or we may not): the socket then connects from an ordinary port."""
+    any_addr = "::" if fam == _socket.AF_INET6 else "0.0.0.0"
+    span = RESERVED_LAST - RESERVED_FIRST + 1
+    s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+    for _ in range(_RESERVED_TRIES):
+        port = RESERVED_FIRST + int.from_bytes(_posix.urandom(2), "little") % span
+        try:
+            s.bind((any_addr, port))
+            return True
+        except OSError as e:
+            if e.errno != _errno.EADDRINUSE:
+                return False
+    return False
 
 
 def _host_arg(host):
@@ -150,7 +214,7 @@ def _exchange(s, frame, request, auth, deadline, trusted_uids, done) -> Answer:
     try:
         s.sendall(frame)
     except OSError as e:
-        return done(UNREACHABLE, f"send: {e}")
+        return done(UNREACHABLE, f"send: {e.strerror or e}")
     dec = P.FrameDecoder(max_frames=1)
     got = None
     while got is None:
@@ -163,7 +227,7 @@ def _exchange(s, frame, request, auth, deadline, trusted_uids, done) -> Answer:
         except TimeoutError:                 # = socket.timeout
             return done(UNREACHABLE, "timeout waiting for reply")
         except OSError as e:
-            return done(UNREACHABLE, f"recv: {e}")
+            return done(UNREACHABLE, f"recv: {e.strerror or e}")
         try:
             if not data:
                 dec.eof()

@@ -2,7 +2,7 @@
 
 Interface used by daemon.lookup (any object with these two methods works; unit tests use that):
 
-    job_pids() -> iterable of int        pids currently in Slurm job cgroups (may be stale)
+    job_pids() -> iterable of int        pids in Slurm job cgroups now (job dirs listed afresh)
     job_of_pid(pid) -> (job_id, job_uid) | None
 
 pid -> job goes through the project's `cgroups.job_of_pid` (every Slurm layout: v1
@@ -12,15 +12,14 @@ Job dirs named by an opaque Slurm 26.05 SLUID (no numeric id) count as "not in a
 
 Job pids: `LayoutJobs` takes them from the layout the cgroups package discovers from
 slurm.conf/cgroup.conf (the default); `CgroupJobs` scans configured roots (CgroupRoots) for
-`job_<N>` directories, caching the directory list for `refresh` seconds and reading every
-`cgroup.procs` fresh on each call.
+`job_<N>` directories.  Both list the job directories and read every `cgroup.procs` afresh on
+each call (daemon.lookup.JobSockets calls it only when its index misses), so a job that
+started a moment ago is seen.
 """
 from __future__ import annotations
 
 import os
 import re
-import threading
-import time
 
 from cgroups import jobs as _cg     # small readers shared with the cgroups package
 
@@ -36,16 +35,12 @@ def default_roots() -> list[str]:
 
 
 class CgroupJobs:
-    def __init__(self, roots: list[str] | None = None, refresh: float = 2.0, max_depth: int = 8,
+    def __init__(self, roots: list[str] | None = None, max_depth: int = 8,
                  proc: str = "/proc", node: str | None = None):
         self.roots = list(roots) if roots else default_roots()
-        self.refresh = refresh
         self.max_depth = max_depth
         self.proc = proc
         self.node = node
-        self._lock = threading.Lock()
-        self._dirs: list[str] = []
-        self._stamp = 0.0
 
     # -- job pids -------------------------------------------------------------------------------
     def _scan_dirs(self) -> list[str]:
@@ -73,20 +68,8 @@ class CgroupJobs:
                             stack.append((e.path, depth + 1, sub_injob))
         return out
 
-    def job_dirs(self) -> list[str]:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._stamp > self.refresh:
-                self._dirs = self._scan_dirs()
-                self._stamp = now
-            return self._dirs
-
-    def invalidate(self):
-        with self._lock:
-            self._stamp = 0.0
-
     def job_pids(self):
-        for d in self.job_dirs():
+        for d in self._scan_dirs():
             yield from _cg._read_pids(f"{d}/cgroup.procs")
 
     # -- pid -> job -----------------------------------------------------------------------------
@@ -102,8 +85,7 @@ class CgroupJobs:
 
 
 class LayoutJobs(CgroupJobs):
-    """Job pids from the node's discovered Slurm layout (cgroups.discover): the job cgroup
-    directories are listed at most every `refresh` seconds, their cgroup.procs read fresh."""
+    """Job pids from the node's discovered Slurm layout (cgroups.discover)."""
 
     def __init__(self, layout, **kw):
         super().__init__(roots=["/nonexistent"], node=getattr(layout, "nodename", None), **kw)

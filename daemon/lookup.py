@@ -7,11 +7,16 @@ remote end is the request's destination.
 1. socket: NETLINK_SOCK_DIAG exact-tuple lookup (no dump; the kernel hashes straight to the
    socket), falling back to parsing /proc/net/{tcp,udp}{,6}.  IPv4 tuples are also tried as
    IPv4-mapped IPv6 (a dual-stack AF_INET6 socket talking IPv4).
-2. pid holding the inode: pids in Slurm job cgroups first, then every process of the socket's
-   owner uid (a holder found there outside any job ends the search: "unknown"), then (if
-   configured) every process, where only processes in a job get their fds scanned.
-   Processes vanishing mid-scan are skipped.
+2. pid holding the inode: `JobSockets`, an index socket inode -> (pid, fd) over the processes
+   of Slurm jobs only.  A socket held by no process of a job is not in a job: "unknown"
+   costs one pass over the job processes' fds, never a scan of every process.  The index
+   is rebuilt only on a miss, and one rebuild serves every question that arrived before it
+   started (concurrent misses wait for the same pass).  Processes vanishing mid-scan are
+   skipped.
 3. pid -> job through daemon.jobs (cgroups/ package).
+
+`LogUnknownHolder=yes` adds, for the log only and after the reply, a search of the holder
+of an "unknown" socket among every process, bounded in time and frequency (HolderScan).
 """
 from __future__ import annotations
 
@@ -195,8 +200,8 @@ class Pyroute2Diag:
                 state = m.get("idiag_state")
                 if not inode or (proto == P.PROTO_TCP and state in (TCP_LISTEN, TCP_TIME_WAIT)):
                     continue
-                lip = normal(m["idiag_src"])
-                rip = normal(m["idiag_dst"])
+                lip = P.normalise_addr(m["idiag_src"])
+                rip = P.normalise_addr(m["idiag_dst"])
                 if m["idiag_sport"] != sport or (lip != src and not (proto == P.PROTO_UDP and lip.is_unspecified)):
                     continue
                 if (m["idiag_dport"], rip) != (dport, dst) and not (
@@ -204,10 +209,6 @@ class Pyroute2Diag:
                     continue
                 return SockInfo(inode, m.get("idiag_uid", -1), fam, self.via)
         return None
-
-
-def normal(a):
-    return P.normalise_addr(a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,46 +268,133 @@ def procnet_find(proto: int, src, sport: int, dst, dport: int, root: str = "/pro
 # inode -> pid
 
 
-def pid_has_inode(pid: int, target: str, proc: str = "/proc") -> bool:
+def _fd_target(proc: str, pid: int, fd: int) -> str | None:
+    try:
+        return os.readlink(f"{proc}/{pid}/fd/{fd}")
+    except OSError:
+        return None
+
+
+def socket_fds(pid: int, proc: str = "/proc"):
+    """(inode, fd) of every socket the process holds; nothing if it vanished."""
     fdd = f"{proc}/{pid}/fd"
     try:
-        fds = os.listdir(fdd)
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"{fdd}/{fd}") == target:
-                return True
-        except OSError:
-            pass
-    return False
-
-
-def pids_of_uid(uid: int, proc: str = "/proc"):
-    try:
-        it = os.scandir(proc)
+        names = os.listdir(fdd)
     except OSError:
         return
-    with it:
-        for e in it:
-            name = e.name
+    for name in names:
+        try:
+            link = os.readlink(f"{fdd}/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            yield int(link[8:-1]), int(name)
+
+
+class JobSockets:
+    """Index socket inode -> (pid, fd) over every process of a Slurm job.
+
+    A hit is re-checked (one readlink of /proc/PID/fd/FD, then the pid's job).  A miss is
+    authoritative when the index was built by a pass that *started after the question
+    arrived*: the connection existed before the peer asked, so a job process holding it
+    would have been seen.  Otherwise one new pass is made; questions that arrive while a
+    pass runs wait for the next one, which serves all of them (one pass at a time)."""
+
+    def __init__(self, jobs, proc: str = "/proc", clock=time.monotonic):
+        self.jobs = jobs
+        self.proc = proc
+        self.clock = clock
+        self._map: dict[int, tuple[int, int]] = {}
+        self._built_from = float("-inf")     # start time of the pass that built _map
+        self._running: float | None = None    # start time of the pass in progress
+        self._cond = threading.Condition()
+        self.passes = 0
+
+    def _check(self, inode: int):
+        hit = self._map.get(inode)
+        if hit is None:
+            return None
+        pid, fd = hit
+        if _fd_target(self.proc, pid, fd) != f"socket:[{inode}]":
+            return None
+        job = self.jobs.job_of_pid(pid)
+        return (pid, job) if job is not None else None
+
+    def _scan(self) -> dict:
+        m = {}
+        for pid in self.jobs.job_pids():
+            for inode, fd in socket_fds(pid, self.proc):
+                m.setdefault(inode, (pid, fd))
+        return m
+
+    def holder(self, inode: int, arrived: float):
+        """(pid, (job_id, job_uid)) of the job process holding the socket, or None."""
+        found = self._check(inode)
+        if found is not None or self._built_from >= arrived:
+            return found
+        with self._cond:
+            while self._built_from < arrived:
+                if self._running is None:
+                    self._running = start = self.clock()
+                    break
+                self._cond.wait()
+            else:
+                start = None                # someone else's pass, started after arrival
+        if start is not None:
+            m = None
+            try:
+                m = self._scan()
+            finally:               # a failed pass wakes the waiters; one of them tries again
+                with self._cond:
+                    if m is not None:
+                        self._map, self._built_from = m, start
+                        self.passes += 1
+                    self._running = None
+                    self._cond.notify_all()
+        return self._check(inode)
+
+
+class HolderScan:
+    """For the log: which process holds a socket no job process holds.  Scans every
+    process, at most `budget` seconds per search and one search per `every` seconds."""
+
+    def __init__(self, proc: str = "/proc", budget: float = 0.05, every: float = 1.0,
+                 clock=time.monotonic):
+        self.proc = proc
+        self.budget = budget
+        self.every = every
+        self.clock = clock
+        self._next = float("-inf")
+        self._lock = threading.Lock()
+
+    def find(self, inode: int):
+        """-> (pid, uid, comm) | "busy" (searched recently) | "timeout" | None (not found)."""
+        now = self.clock()
+        with self._lock:
+            if now < self._next:
+                return "busy"
+            self._next = now + self.every
+        end = now + self.budget
+        target = f"socket:[{inode}]"
+        try:
+            names = os.listdir(self.proc)
+        except OSError:
+            return None
+        for name in names:
             if not name.isdigit():
                 continue
-            try:
-                if e.stat(follow_symlinks=False).st_uid == uid:
-                    yield int(name)
-            except OSError:
-                pass
-
-
-def all_pids(proc: str = "/proc"):
-    try:
-        names = os.listdir(proc)
-    except OSError:
-        return
-    for n in names:
-        if n.isdigit():
-            yield int(n)
+            if self.clock() > end:
+                return "timeout"
+            pid = int(name)
+            if any(i == inode for i, _ in socket_fds(pid, self.proc)):
+                try:
+                    uid = os.stat(f"{self.proc}/{pid}").st_uid
+                    with open(f"{self.proc}/{pid}/comm", "rb") as f:
+                        comm = f.read().strip().decode("utf-8", "replace")
+                except OSError:
+                    return None
+                return pid, uid, comm
+        return None
 
 
 @dataclass
@@ -316,20 +404,19 @@ class LookupResult:
     job_uid: int = P.NO_UID
     pid: int | None = None
     sock: SockInfo | None = None
-    stage: str = ""            # where the pid was found: "job", "uid", "all"
     why: str = ""              # for unknown: "no-socket" or "not-in-job" (no process in a job holds it)
     elapsed_ms: float = 0.0
 
 
 class Lookup:
-    """The whole lookup; thread-safe, meant to run in a worker thread."""
+    """The whole lookup; thread-safe, meant to run in worker threads."""
 
-    def __init__(self, jobs, *, sockdiag: str = "netlink", scan_all: bool = True, proc: str = "/proc"):
+    def __init__(self, jobs, *, sockdiag: str = "netlink", proc: str = "/proc"):
         self.jobs = jobs
-        self.scan_all = scan_all
         self.proc = proc
+        self.index = JobSockets(jobs, proc)
         self._diag = None
-        if sockdiag in ("netlink", "yes", "raw"):
+        if sockdiag == "netlink":
             try:
                 self._diag = SockDiag()
             except OSError:
@@ -363,58 +450,18 @@ class Lookup:
                 pass
         return procnet_find(proto, src, sport, dst, dport, root=f"{self.proc}/self/net")
 
-    def find_pid(self, inode: int, uid: int):
-        """-> (pid, stage, job) where job = (job_id, job_uid); (None, "", None) if no process
-        in a Slurm job holds the inode.
-
-        Stage "job": pids listed in the job cgroups.  Stage "uid": every process of the
-        socket's owner has its fds scanned; the holder found there answers (its job, or
-        "unknown" when it is in none -- the usual ssh client on a login node).  Stage "all"
-        (ScanAllProcesses) catches job processes the listing missed (a job that appeared
-        after the cached directory scan, an unexpected layout): there a pid's cgroup is
-        checked *before* its fds, so processes outside jobs cost one small read."""
-        target = f"socket:[{inode}]"
-        seen = set()
-        for pid in self.jobs.job_pids():
-            if pid in seen:
-                continue
-            seen.add(pid)
-            if pid_has_inode(pid, target, self.proc):
-                job = self.jobs.job_of_pid(pid)
-                if job is not None:
-                    return pid, "job", job
-        if uid >= 0:
-            # The socket owner's own processes: scan their fds whether in a job or not. Finding
-            # the holder outside any job is a definitive "unknown" (typically an ssh client on
-            # a login node), so the full /proc pass below is not paid for it.
-            for pid in pids_of_uid(uid, self.proc):
-                if pid in seen:
-                    continue
-                seen.add(pid)
-                if pid_has_inode(pid, target, self.proc):
-                    job = self.jobs.job_of_pid(pid)
-                    if job is not None:
-                        return pid, "uid", job
-                    return None, "uid-not-in-job", None
-        if self.scan_all:
-            for pid in all_pids(self.proc):
-                if pid in seen:
-                    continue
-                seen.add(pid)
-                job = self.jobs.job_of_pid(pid)
-                if job is not None and pid_has_inode(pid, target, self.proc):
-                    return pid, "all", job
-        return None, "", None
-
-    def lookup(self, req: P.Request) -> LookupResult:
+    def lookup(self, req: P.Request, arrived: float | None = None) -> LookupResult:
+        """`arrived`: time.monotonic() when the question reached us (default: now)."""
         t0 = time.perf_counter()
+        if arrived is None:
+            arrived = time.monotonic()
         info = self.find_socket(req.proto, req.src, req.src_port, req.dst, req.dst_port)
         if info is None:
             return LookupResult(P.STATUS_UNKNOWN, why="no-socket",
                                 elapsed_ms=(time.perf_counter() - t0) * 1e3)
-        pid, stage, job = self.find_pid(info.inode, info.uid)
+        found = self.index.holder(info.inode, arrived)
         el = (time.perf_counter() - t0) * 1e3
-        if pid is None:
+        if found is None:
             return LookupResult(P.STATUS_UNKNOWN, sock=info, why="not-in-job", elapsed_ms=el)
-        job_id, job_uid = job
-        return LookupResult(P.STATUS_FOUND, job_id, job_uid, pid, info, stage, elapsed_ms=el)
+        pid, (job_id, job_uid) = found
+        return LookupResult(P.STATUS_FOUND, job_id, job_uid, pid, info, elapsed_ms=el)

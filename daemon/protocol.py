@@ -28,7 +28,8 @@ Request body (62 bytes)::
 
 Reply body (35 + n bytes, n <= 64)::
 
-    status u8, reserved u8 (0), job_id u32 (0 = none), job_uid u32 (0xFFFFFFFF = none),
+    status u8 (1 found, 2 unknown, 3 refused, 4 error, 5 busy), reserved u8 (0),
+    job_id u32 (0 = none), job_uid u32 (0xFFFFFFFF = none),
     nonce 16 bytes (the request's), timestamp u64 (ms, daemon clock),
     node name length u8, node name (printable ASCII)
 """
@@ -60,8 +61,9 @@ STATUS_FOUND = 1
 STATUS_UNKNOWN = 2
 STATUS_REFUSED = 3
 STATUS_ERROR = 4
+STATUS_BUSY = 5            # the asker's uid is over the daemon's rate limit: ask again later
 STATUS_NAMES = {STATUS_FOUND: "found", STATUS_UNKNOWN: "unknown",
-                STATUS_REFUSED: "refused", STATUS_ERROR: "error"}
+                STATUS_REFUSED: "refused", STATUS_ERROR: "error", STATUS_BUSY: "busy"}
 
 NO_JOB = 0
 NO_UID = 0xFFFFFFFF

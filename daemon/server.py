@@ -1,7 +1,23 @@
-"""The caller-ID daemon: asyncio server, one authenticated request and reply per connection.
+"""The caller-ID daemon: one authenticated request and reply per TCP connection.
 
-Event loop: accept, rate-limit, read with timeouts, decode frames (sans-IO).  Worker threads:
-munge encode/decode (blocking socket calls to munged) and the /proc + netlink lookup.
+Event loop (one thread): accept, admission (daemon.admission), read the request, write the
+reply.  Worker threads: munge decode/encode (round trips to munged), the netlink + /proc
+lookup.  Admission, in the order a connection meets it:
+
+1. At `MaxConnections`, the oldest connection still waiting for its request, of the source
+   holding the most such connections, is reset to make room (reclaimed); connections from
+   reserved source ports (root's client) are reclaimed only when no other is left.  A new
+   connection is refused only when every slot holds a complete request.
+2. No byte within `FirstByteTimeout`, or no complete request within `RequestTimeout`:
+   reset.  A connection lives at most `ConnectionTimeout`.
+3. Complete requests wait in a FairQueue: round-robin by source address, with `RootShare`
+   of the workers' picks for connections from reserved source ports.
+4. After the credential is verified: requests of uids other than root and SlurmUser are
+   rate-limited per uid (`RateLimit`/`RateBurst`); over the limit the signed answer is
+   "busy".  Replayed and stale requests are refused.
+
+SIGHUP re-reads the configuration and the key (connections in flight are kept); SIGTERM
+and SIGINT stop after the answers in flight are written (at most 2 s).
 """
 from __future__ import annotations
 
@@ -9,7 +25,7 @@ import asyncio
 import collections
 import logging
 import os
-import queue
+import resource
 import signal
 import socket
 import struct
@@ -18,33 +34,12 @@ import time
 
 from . import protocol as P
 from . import wire
+from .admission import FairQueue, Holders, TokenBuckets, hinted
 from .auth import AuthError, AuthUnavailable
-from .lookup import Lookup
+from .lookup import HolderScan, Lookup
 
 log = logging.getLogger("callerid")
 security = logging.getLogger("callerid.security")
-
-
-class RateLimiter:
-    """Token bucket per source address; the table is bounded (least recently seen evicted)."""
-
-    def __init__(self, rate: float, burst: int, max_sources: int = 4096):
-        self.rate = rate
-        self.burst = burst
-        self.max_sources = max_sources
-        self._t: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
-
-    def allow(self, key: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        tokens, last = self._t.pop(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        ok = tokens >= 1.0
-        if ok:
-            tokens -= 1.0
-        self._t[key] = (tokens, now)
-        while len(self._t) > self.max_sources:
-            self._t.popitem(last=False)
-        return ok
 
 
 class ReplayCache:
@@ -84,88 +79,140 @@ class ReplayCache:
 
 
 class Handler:
-    """Synchronous request processing (runs in a worker thread): auth, lookup, authz, reply."""
+    """Synchronous request processing (runs in a worker thread): auth, limits, lookup, authz,
+    reply.  `auth`, `lookup` and the limits are replaced as a whole on reload."""
 
-    def __init__(self, auth, lookup: Lookup, *, node: str, slurm_uid: int | None,
-                 max_clock_skew: float = 60.0):
+    def __init__(self, cfg, auth, lookup: Lookup, *, node: str):
         self.auth = auth
         self.lookup = lookup
+        self.replay = ReplayCache(int(cfg.max_clock_skew * 1000))
+        self.counts = collections.Counter()     # answers by status, admission events
+        self.holder_scan = HolderScan()
+        self.configure(cfg, node)
+
+    def configure(self, cfg, node: str):
         self.node = node
-        self.slurm_uid = slurm_uid
-        self.replay = ReplayCache(int(max_clock_skew * 1000))
-        self.counts = collections.Counter()     # answers by status (summarised at info level)
+        self.slurm_uid = cfg.slurm_uid()
+        self.user_rate = TokenBuckets(cfg.rate_limit, cfg.rate_burst)
+        self.log_unknown_holder = cfg.log_unknown_holder
+        self.replay.window_ms = int(cfg.max_clock_skew * 1000)
         self.debug = log.isEnabledFor(logging.DEBUG)
 
-    def _reply(self, status, nonce, job=P.NO_JOB, uid=P.NO_UID) -> bytes:
-        return wire.seal_reply(P.Reply(status, nonce, job, uid, self.node), self.auth)
+    def _reply(self, auth, status, nonce, job=P.NO_JOB, uid=P.NO_UID) -> bytes:
+        self.counts[_ANSWER_KEY[status]] += 1
+        return wire.seal_reply(P.Reply(status, nonce, job, uid, self.node), auth)
 
-    def handle(self, frame: P.Frame, peer: str) -> bytes | None:
+    def handle(self, frame: P.Frame, peer: str, hint: bool, arrived: float):
+        """-> (reply bytes or None to reset, follow-up callable or None).  The follow-up
+        (a log-only search) runs after the reply has been handed back."""
+        auth, counts = self.auth, self.counts
         try:
-            req, uid = wire.open_request(frame, self.auth)
+            req, uid = wire.open_request(frame, auth)
         except P.ProtocolError as e:
             log.info("event=bad-request peer=%s reason=%s", peer, e)
-            return None
+            return None, None
         except AuthUnavailable as e:
             log.error("event=auth-unavailable peer=%s error=%s", peer, e)
-            return None
+            return None, None
         except AuthError as e:
+            counts["auth-failures"] += 1
             security.warning("event=security-auth-failure peer=%s reason=%s detail=%r",
                              peer, e.reason, e.detail)
             try:
                 nonce = P.Request.decode_body(frame.body).nonce
-                return self._reply(P.STATUS_REFUSED, nonce)
+                return self._reply(auth, P.STATUS_REFUSED, nonce), None
             except Exception:
-                return None
+                return None, None
         why = self.replay.check_and_add(req.nonce, req.timestamp_ms)
         if why is not None:
+            counts["replays"] += 1
             security.warning("event=security-%s peer=%s uid=%d conn=%r", why, peer, uid, req.describe())
-            return self._reply(P.STATUS_REFUSED, req.nonce)
-        try:
-            res = self.lookup.lookup(req)
-        except Exception as e:  # a bug or an unexpected kernel answer: answer "error", keep serving
-            log.exception("event=lookup-error peer=%s conn=%r", peer, req.describe())
-            return self._reply(P.STATUS_ERROR, req.nonce)
+            return self._reply(auth, P.STATUS_REFUSED, req.nonce), None
         privileged = uid == 0 or (self.slurm_uid is not None and uid == self.slurm_uid)
+        if hint and uid != 0:
+            counts["hinted-not-root"] += 1
+            if counts["hinted-not-root"] % 100 == 1:
+                log.info("event=reserved-port-not-root peer=%s uid=%d total=%d",
+                         peer, uid, counts["hinted-not-root"])
+        if not privileged and not self.user_rate.allow(uid):
+            counts["rate-limited"] += 1
+            if counts["rate-limited"] % 100 == 1:
+                log.warning("event=rate-limited uid=%d peer=%s total=%d", uid, peer,
+                            counts["rate-limited"])
+            return self._reply(auth, P.STATUS_BUSY, req.nonce), None
+        try:
+            res = self.lookup.lookup(req, arrived)
+        except Exception:  # a bug or an unexpected kernel answer: answer "error", keep serving
+            log.exception("event=lookup-error peer=%s conn=%r", peer, req.describe())
+            return self._reply(auth, P.STATUS_ERROR, req.nonce), None
         if res.status == P.STATUS_FOUND and not privileged and res.job_uid != uid:
+            counts["violations"] += 1
             security.warning("event=security-violation peer=%s uid=%d conn=%r job=%d job_uid=%d",
                              peer, uid, req.describe(), res.job_id, res.job_uid)
-            return self._reply(P.STATUS_REFUSED, req.nonce)
-        self.counts[res.status] += 1
+            return self._reply(auth, P.STATUS_REFUSED, req.nonce), None
+        if uid == 0:
+            counts["answers-root"] += 1
         if self.debug:
-            log.debug("event=answer peer=%s uid=%d conn=%r status=%s job=%s pid=%s via=%s stage=%s "
-                      "why=%s ms=%.2f", peer, uid, req.describe(), P.STATUS_NAMES[res.status],
+            log.debug("event=answer peer=%s uid=%d hint=%d conn=%r status=%s job=%s pid=%s via=%s "
+                      "why=%s ms=%.2f", peer, uid, hint, req.describe(), P.STATUS_NAMES[res.status],
                       res.job_id or "-", res.pid or "-", res.sock.via if res.sock else "-",
-                      res.stage or "-", res.why or "-", res.elapsed_ms)
-        return self._reply(res.status, req.nonce, res.job_id, res.job_uid)
+                      res.why or "-", res.elapsed_ms)
+        after = None
+        if self.log_unknown_holder and res.why == "not-in-job":
+            after = lambda: self._log_holder(peer, req, res.sock)  # noqa: E731
+        return self._reply(auth, res.status, req.nonce, res.job_id, res.job_uid), after
+
+    def _log_holder(self, peer, req, sock):
+        found = self.holder_scan.find(sock.inode)
+        if isinstance(found, tuple):
+            pid, uid, comm = found
+            log.info("event=unknown-holder peer=%s conn=%r pid=%d uid=%d comm=%r",
+                     peer, req.describe(), pid, uid, comm)
+        else:
+            log.info("event=unknown-holder peer=%s conn=%r holder=%s", peer, req.describe(),
+                     found or "not-found")
 
 
+_ANSWER_KEY = {k: f"answers-{v}" for k, v in P.STATUS_NAMES.items()}
 _LINGER0 = struct.pack("ii", 1, 0)
+
+
+def _abort(sock: socket.socket):
+    """Close with a reset (no TIME_WAIT kept here for junk)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+    except OSError:
+        pass
+    sock.close()
 
 
 class _Conn:
     """One client connection on a raw non-blocking socket driven by the event loop's
     selector: read one frame, hand it to a worker thread, write the reply, close.
 
-    No asyncio transport, protocol, task, future or timer per connection: at thousands of
-    answers per second those cost more than the answer.  Deadlines (per read and total) are
-    two floats checked by the server's sweeper."""
+    No asyncio transport, task, future or timer per connection: at thousands of answers per
+    second those cost more than the answer.  Deadlines are floats checked by the sweeper."""
 
-    __slots__ = ("srv", "loop", "sock", "fd", "peer", "dec", "read_by", "end_by", "done",
-                 "reading", "out")
+    __slots__ = ("srv", "loop", "sock", "fd", "peer", "hint", "arrived", "dec", "first_by",
+                 "read_by", "end_by", "done", "reading", "pending", "out")
 
-    def __init__(self, srv: "Server", sock: socket.socket, peer: str, now: float):
+    def __init__(self, srv: "Server", sock: socket.socket, peer: str, hint: bool, now: float):
         self.srv = srv
         self.loop = srv.loop
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        self.hint = hint
+        self.arrived = time.monotonic()       # for the lookup: the socket existed by then
         self.dec = P.FrameDecoder(max_frames=1)
         self.done = False
         self.reading = False
+        self.pending = False                  # in the server's Holders (no request yet)
         self.out = b""
         cfg = srv.cfg
         self.end_by = now + cfg.connection_timeout
         self.read_by = min(now + cfg.request_timeout, self.end_by)
+        self.first_by = min(now + cfg.first_byte_timeout, self.read_by)
 
     def start(self):
         """The request is usually there already (the client sends right after connecting):
@@ -174,6 +221,13 @@ class _Conn:
         if not self.done and self.read_by:
             self.loop.add_reader(self.fd, self._readable)
             self.reading = True
+            self.pending = True
+            self.srv.holders[self.hint].add(self.peer, self)
+
+    def _unpend(self):
+        if self.pending:
+            self.pending = False
+            self.srv.holders[self.hint].discard(self.peer, self)
 
     def _finish(self, abort=False):
         if self.done:
@@ -182,28 +236,23 @@ class _Conn:
         srv = self.srv
         srv.active -= 1
         srv.conns.discard(self)
+        self._unpend()
         if self.reading:
             self.loop.remove_reader(self.fd)
             self.reading = False
         if self.out:
             self.loop.remove_writer(self.fd)
-        try:
-            if abort:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
-        except OSError:
-            pass
-        self.sock.close()
+        if abort:
+            _abort(self.sock)
+        else:
+            self.sock.close()
 
-    def _timeout(self):
+    def expire(self, why: str):
         if not self.done:
-            self.srv.stats["timeouts"] += 1
-            log.info("event=timeout peer=%s", self.peer)
+            self.srv.stats[why] += 1
+            if self.srv.debug:
+                log.debug("event=%s peer=%s", why, self.peer)
             self._finish(abort=True)
-
-    def _bad(self, e):
-        self.srv.stats["protocol-errors"] += 1
-        log.info("event=bad-frame peer=%s reason=%s", self.peer, e)
-        self._finish(abort=True)
 
     def _readable(self):
         if self.done or not self.read_by:
@@ -216,6 +265,7 @@ class _Conn:
             self.srv.stats["conn-errors"] += 1
             self._finish(abort=True)
             return
+        self.first_by = 0.0
         try:
             if not data:
                 self.dec.eof()
@@ -224,15 +274,19 @@ class _Conn:
                 return
             frames = self.dec.feed(data)
         except P.ProtocolError as e:
-            self._bad(e)
+            self.srv.stats["protocol-errors"] += 1
+            if self.srv.debug:
+                log.debug("event=bad-frame peer=%s reason=%s", self.peer, e)
+            self._finish(abort=True)
             return
         if not frames:
             return
         self.read_by = 0.0            # no more reads: the request is complete
+        self._unpend()
         if self.reading:
             self.loop.remove_reader(self.fd)
             self.reading = False
-        self.srv.submit(self, frames[0])
+        self.srv.queue.put(self.peer, self.hint, (self, frames[0]))
 
     def answered(self, out):
         if self.done:
@@ -270,15 +324,14 @@ class _Conn:
 
 class _Workers:
     """Worker threads for the blocking part of an answer (munged round trips, /proc and
-    netlink).  The loop thread puts (conn, frame) on a queue; each worker takes whatever is
-    queued, answers it, and hands the replies back through one deque; the loop is woken by
-    an eventfd write only when it is not already due to drain (one wake-up per batch, not
-    per answer)."""
+    netlink).  The loop thread puts (conn, frame) on the FairQueue; each worker answers what
+    it gets and hands the reply back through one deque; the loop is woken by an eventfd
+    write only when it is not already due to drain (one wake-up per batch, not per answer)."""
 
-    def __init__(self, loop, handle, n: int):
+    def __init__(self, loop, handler: Handler, queue: FairQueue, n: int):
         self.loop = loop
-        self.handle = handle
-        self.q = queue.SimpleQueue()
+        self.handler = handler
+        self.q = queue
         self.results = collections.deque()
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.wake_due = False
@@ -289,16 +342,17 @@ class _Workers:
             t.start()
 
     def _run(self):
-        q, results, handle = self.q, self.results, self.handle
+        q, results, handler = self.q, self.results, self.handler
         while True:
             item = q.get()
             if item is None:
                 return
             conn, frame = item
-            if conn.done:                 # timed out while queued: nobody is waiting
+            if conn.done:                 # timed out or reclaimed while queued
                 continue
+            after = None
             try:
-                out = handle(frame, conn.peer)
+                out, after = handler.handle(frame, conn.peer, conn.hint, conn.arrived)
             except BaseException:
                 log.exception("event=handler-error peer=%s", conn.peer)
                 out = None
@@ -309,6 +363,11 @@ class _Workers:
                     os.eventfd_write(self.efd, 1)
                 except OSError:
                     pass
+            if after is not None:
+                try:
+                    after()
+                except Exception:
+                    log.exception("event=follow-up-error peer=%s", conn.peer)
 
     def _drain(self):
         try:
@@ -322,18 +381,39 @@ class _Workers:
             conn.answered(out)
 
     def close(self):
-        for _ in self.threads:
-            self.q.put(None)
+        self.q.close(len(self.threads))
         self.loop.remove_reader(self.efd)
         os.close(self.efd)
 
 
+def _raise_fd_limit(want: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards `want`; the number of fds we may use."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want and (hard == resource.RLIM_INFINITY or soft < hard):
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+FD_RESERVE = 64       # fds kept for listeners, netlink, munge, /proc reads, logging
+
+
 class Server:
-    def __init__(self, cfg, auth, lookup: Lookup, *, node: str | None = None):
+    SWEEP = 0.1            # seconds between deadline sweeps
+    STATS_EVERY = 60.0     # seconds between "event=stats" summaries (only when they changed)
+
+    def __init__(self, cfg, auth, lookup: Lookup, *, node: str | None = None, clock=None):
+        """clock: the time source of the deadlines and the stats line (default: the event
+        loop's monotonic clock); tests pass one they can move."""
         self.cfg = cfg
-        self.handler = Handler(auth, lookup, node=node or cfg.node(), slurm_uid=cfg.slurm_uid(),
-                               max_clock_skew=cfg.max_clock_skew)
-        self.rate = RateLimiter(cfg.rate_limit, cfg.rate_burst)
+        self._node_override = node
+        self.handler = Handler(cfg, auth, lookup, node=node or cfg.node())
+        self.queue = FairQueue(cfg.root_share)
+        self.holders = (Holders(), Holders())     # [hint]: False = other, True = reserved port
         self.workers: _Workers | None = None
         self.listeners: list[socket.socket] = []
         self.active = 0
@@ -343,6 +423,13 @@ class Server:
         self.stopping = False
         self.loop = None
         self._stop = None
+        self._clock = clock
+        self._stats_last = ""
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self.max_connections = cfg.max_connections
+
+    def now(self) -> float:
+        return self._clock() if self._clock is not None else self.loop.time()
 
     def _listen(self, addr: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM,
@@ -354,36 +441,63 @@ class Server:
             if fam == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.bind(sa)
-            s.listen(1024)
+            s.listen(4096)       # the kernel caps it at net.core.somaxconn
             s.setblocking(False)
         except OSError:
             s.close()
             raise
         return s
 
-    def submit(self, conn: _Conn, frame: P.Frame):
-        self.workers.q.put((conn, frame))
+    def _set_limits(self, cfg):
+        usable = _raise_fd_limit(cfg.max_connections + FD_RESERVE) - FD_RESERVE
+        self.max_connections = max(1, min(cfg.max_connections, usable))
+        if self.max_connections < cfg.max_connections:
+            log.warning("event=max-connections-lowered configured=%d effective=%d reason=fd-limit",
+                        cfg.max_connections, self.max_connections)
 
-    SWEEP = 0.1            # seconds between deadline sweeps
-    STATS_EVERY = 60.0     # seconds between "event=stats" summaries (only after traffic)
-
+    # -- the periodic sweep ----------------------------------------------------------------------
     def _sweep(self):
-        """Close connections past their read or total deadline (every SWEEP seconds); log the
-        traffic summary every STATS_EVERY seconds."""
-        now = self.loop.time()
-        for c in [c for c in self.conns if now >= c.end_by or (c.read_by and now >= c.read_by)]:
-            c._timeout()
+        """Close connections past a deadline (every SWEEP seconds); log the traffic summary
+        every STATS_EVERY seconds."""
+        now = self.now()
+        for c in [c for c in self.conns if now >= c.end_by or (c.read_by and now >= c.read_by)
+                  or (c.first_by and now >= c.first_by)]:
+            if c.first_by and now >= c.first_by:
+                c.expire("first-byte-timeouts")
+            elif c.read_by and now >= c.read_by:
+                c.expire("request-timeouts")
+            else:
+                c.expire("timeouts")
         if now >= self._stats_due:
             self._stats_due = now + self.STATS_EVERY
             self.log_stats()
         if not self.stopping:
-            self._stats_due = self.loop.time() + self.STATS_EVERY
-        self._stats_last = ""
-        self.loop.call_later(self.SWEEP, self._sweep)
+            self.loop.call_later(self.SWEEP, self._sweep)
+
+    # -- statistics --------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Counters (monotonic, since start) and gauges, for the stats line and metrics.
+
+        Counters: connections, answered, reclaimed (reset at the cap to make room),
+        over-capacity (refused: every slot held a complete request), first-byte-timeouts,
+        request-timeouts, timeouts (ConnectionTimeout), protocol-errors, closed-early,
+        conn-errors, accept-errors, dropped, reloads, reload-failures; answers-<status>
+        (replies sent: found, unknown, refused, error, busy), answers-root (found/unknown
+        for root), rate-limited (uid over RateLimit), auth-failures, replays, violations
+        (asked about another user's job), hinted-not-root.  Gauges: active (connections), pending (connections without a
+        complete request), queued (requests waiting for a worker)."""
+        snap = dict(self.stats)
+        snap.update(self.handler.counts)
+        snap["active"] = self.active
+        snap["pending"] = len(self.holders[0]) + len(self.holders[1])
+        snap["queued"] = self.queue.waiting
+        return snap
+
+    GAUGES = ("active", "pending", "queued")
 
     def stats_line(self) -> str:
-        counts = {f"answers-{P.STATUS_NAMES.get(k, k)}": v for k, v in self.handler.counts.items()}
-        return " ".join(f"{k}={v}" for k, v in sorted({**self.stats, **counts}.items()))
+        snap = self.snapshot()
+        return " ".join(f"{k}={v}" for k, v in sorted(snap.items()) if k not in self.GAUGES)
 
     def log_stats(self):
         line = self.stats_line()
@@ -391,12 +505,13 @@ class Server:
             self._stats_last = line
             log.info("event=stats %s", line)
 
+    # -- start, accept, stop -----------------------------------------------------------------------
     async def start(self) -> list[str]:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.workers = _Workers(self.loop, self.handler.handle, self.cfg.workers)
-        self._stats_due = self.loop.time() + self.STATS_EVERY
-        self._stats_last = ""
+        self._set_limits(self.cfg)
+        self.workers = _Workers(self.loop, self.handler, self.queue, self.cfg.workers)
+        self._stats_due = self.now() + self.STATS_EVERY
         self.loop.call_later(self.SWEEP, self._sweep)
         bound = []
         errors = []
@@ -420,36 +535,44 @@ class Server:
         self.port = port
         return bound
 
+    def _make_room(self) -> bool:
+        """At the cap: reset the oldest pending connection of the biggest holder (reserved
+        port connections last).  False when every connection has a complete request."""
+        victim = self.holders[False].victim() or self.holders[True].victim()
+        if victim is None:
+            return False
+        victim.pending = False
+        self.stats["reclaimed"] += 1
+        victim._finish(abort=True)
+        return True
+
     def _accept(self, lsock: socket.socket):
-        now = self.loop.time()
+        now = self.now()
+        stats = self.stats
         for _ in range(64):
             try:
                 sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE, ENFILE, ENOBUFS...: keep serving the rest
-                self.stats["accept-errors"] += 1
-                if self.stats["accept-errors"] % 100 == 1:
-                    log.error("event=accept-failed error=%r total=%d", e.strerror, self.stats["accept-errors"])
+                stats["accept-errors"] += 1
+                if stats["accept-errors"] % 100 == 1:
+                    log.error("event=accept-failed error=%r total=%d", e.strerror, stats["accept-errors"])
                 return
-            self.stats["connections"] += 1
-            try:
-                peer = P.normalise_addr(addr[0]).compressed
-            except ValueError:
-                peer = str(addr[0])
-            if self.active >= self.cfg.max_connections or self.stopping:
-                self.stats["over-capacity"] += 1
+            stats["connections"] += 1
+            if self.stopping:
                 _abort(sock)
                 continue
-            if not self.rate.allow(peer):
-                self.stats["rate-limited"] += 1
-                if self.stats["rate-limited"] % 100 == 1:
-                    log.warning("event=rate-limited peer=%s total=%d", peer, self.stats["rate-limited"])
+            if self.active >= self.max_connections and not self._make_room():
+                stats["over-capacity"] += 1
+                if stats["over-capacity"] % 100 == 1:
+                    log.warning("event=over-capacity active=%d total=%d", self.active,
+                                stats["over-capacity"])
                 _abort(sock)
                 continue
             sock.setblocking(False)
             self.active += 1
-            conn = _Conn(self, sock, peer, now)
+            conn = _Conn(self, sock, addr[0], hinted(addr[1]), now)
             self.conns.add(conn)
             conn.start()
 
@@ -465,29 +588,104 @@ class Server:
             s.close()
         end = self.loop.time() + 2.0
         while self.conns and self.loop.time() < end:  # let in-flight answers finish
+            pending = [c for c in self.conns if c.read_by]
+            for c in pending:                          # nobody waits on a half-sent request
+                c._finish(abort=True)
             await asyncio.sleep(0.02)
         for c in list(self.conns):
             c._finish(abort=True)
         self.workers.close()
         log.info("event=stopped %s", self.stats_line())
 
+    # -- reload (SIGHUP) ---------------------------------------------------------------------------
+    def apply(self, cfg, auth, lookup):
+        """Take a reloaded configuration, key and lookup (on the loop thread).  Connections
+        in flight keep their deadlines; requests still queued are answered with the new key.
+        Port, ListenAddresses and Workers need a restart."""
+        old = self.cfg
+        for key, attr in (("Port", "port"), ("ListenAddresses", "listen_addresses"),
+                          ("Workers", "workers")):
+            if getattr(cfg, attr) != getattr(old, attr):
+                log.warning("event=reload-needs-restart key=%s running=%r file=%r", key,
+                            getattr(old, attr), getattr(cfg, attr))
+                setattr(cfg, attr, getattr(old, attr))
+        set_log_level(cfg.log_level)
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self.cfg = cfg
+        self._set_limits(cfg)
+        self.queue.share = cfg.root_share
+        h = self.handler
+        old_lookup = h.lookup
+        h.configure(cfg, self._node_override or cfg.node())
+        h.auth = auth
+        h.lookup = lookup
+        if old_lookup is not lookup:    # workers may still be inside it: close it later
+            self.loop.call_later(cfg.connection_timeout + 1.0, old_lookup.close)
+        self.stats["reloads"] += 1
+        log.info("event=reloaded config=%s auth=%s max_connections=%d rate_limit=%s root_share=%s",
+                 cfg.source, auth.name, self.max_connections, cfg.rate_limit, cfg.root_share)
 
-def _abort(sock: socket.socket):
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
-    except OSError:
-        pass
-    sock.close()
+    async def reload(self, load):
+        """Run `load()` -> (cfg, auth, lookup) off the loop; keep the old ones on failure."""
+        try:
+            cfg, auth, lookup = await self.loop.run_in_executor(None, load)
+        except Exception as e:
+            self.stats["reload-failures"] += 1
+            log.error("event=reload-failed error=%s", e)
+            return False
+        self.apply(cfg, auth, lookup)
+        return True
 
 
-async def run(cfg, auth, lookup, *, ready=None) -> int:
+def set_log_level(level: str):
+    logging.getLogger("callerid").setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def make_auth_checked(cfg):
+    """The authenticator the config asks for, proven to work now (munged reachable, key
+    readable) rather than failing on every request later.  Raises auth.AuthError."""
+    from .auth import make_auth
+    auth = make_auth(cfg.auth_type, key_file=cfg.key_file, munge_socket=cfg.munge_socket,
+                     munge_ttl=cfg.munge_ttl)
+    if cfg.auth_type == "munge":
+        blob = auth.sign(P.TYPE_REPLY, b"callerid-selftest")
+        auth.verify(P.TYPE_REPLY, b"callerid-selftest", blob)
+    return auth
+
+
+def make_lookup(cfg) -> Lookup:
+    from .jobs import make_jobs
+    return Lookup(make_jobs(cfg, log), sockdiag=cfg.sock_diag)
+
+
+def reloader(path: str | None, overrides: dict | None = None):
+    """The default SIGHUP action: re-read `path` (None: the default file), apply the command
+    line's overrides, build and check the key, rebuild the lookup (layout re-discovered)."""
+    def load():
+        from .config import load_config
+        cfg = load_config(path)
+        for k, v in (overrides or {}).items():
+            setattr(cfg, k, v)
+        for k in cfg.unknown_keys:
+            log.warning("event=config-unknown-key key=%s", k)
+        return cfg, make_auth_checked(cfg), make_lookup(cfg)
+    return load
+
+
+async def run(cfg, auth, lookup, *, ready=None, reload=None) -> int:
+    """Serve until SIGTERM/SIGINT.  `reload`: callable -> (cfg, auth, lookup) run on SIGHUP
+    (default: re-read cfg.source).  `ready(server)` is called once listening."""
     srv = Server(cfg, auth, lookup)
     bound = await srv.start()
     loop = asyncio.get_running_loop()
+    if reload is None:
+        reload = reloader(None if cfg.source == "<defaults>" else cfg.source)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, srv.request_stop)
-    log.info("event=listening node=%s addresses=%s auth=%s sockdiag=%s pid=%d",
-             srv.handler.node, ",".join(bound), auth.name, lookup.sock_backend, os.getpid())
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(srv.reload(reload)))
+    log.info("event=listening node=%s addresses=%s auth=%s sockdiag=%s max_connections=%d pid=%d",
+             srv.handler.node, ",".join(bound), auth.name, lookup.sock_backend,
+             srv.max_connections, os.getpid())
     if ready is not None:
         ready(srv)
     await srv.serve_until_stopped()

@@ -2,13 +2,16 @@
 and UDP cases, inode -> pid stages, vanishing pids, job parsing."""
 import os
 import socket
+import threading
+import time
 
 import pytest
 
 from daemon import protocol as P
 from cgroups.jobs import real_uid
 from daemon.jobs import CgroupJobs
-from daemon.lookup import Lookup, Pyroute2Diag, SockDiag, procnet_find, pid_has_inode
+from daemon.lookup import (HolderScan, JobSockets, Lookup, Pyroute2Diag, SockDiag, procnet_find,
+                           socket_fds)
 
 BACKENDS = ["sockdiag", "pyroute2", "procnet"]
 
@@ -104,53 +107,104 @@ def test_udp_connected_and_unconnected(backend):
 
 
 class FakeJobs:
+    """job_pids() lists `pids` (counting the passes); job_of_pid from `mapping`."""
+
     def __init__(self, pids, mapping):
         self.pids, self.mapping = pids, mapping
+        self.listed = 0
 
     def job_pids(self):
-        return iter(self.pids)
+        self.listed += 1
+        return iter(list(self.pids))
 
     def job_of_pid(self, pid):
         return self.mapping.get(pid)
 
 
-def test_lookup_stages_and_vanished_pids(tcp_pair):
+GONE = 2 ** 22 + 12345  # above pid_max on this machine: never exists
+
+
+def test_lookup_found_unknown_and_vanished_pids(tcp_pair):
     cli, _ = tcp_pair(socket.AF_INET, "127.0.0.1")
     (ca, cp), (sa, sp) = cli.getsockname(), cli.getpeername()
     req = P.Request.make(ca, cp, sa, sp)
-    gone = 2 ** 22 + 12345  # above pid_max on this machine: never exists
-    lk = Lookup(FakeJobs([gone, os.getpid()], {os.getpid(): (77, 1000)}))
+    lk = Lookup(FakeJobs([GONE, os.getpid()], {os.getpid(): (77, 1000)}))
     r = lk.lookup(req)
-    assert (r.status, r.job_id, r.job_uid, r.pid, r.stage) == (P.STATUS_FOUND, 77, 1000, os.getpid(), "job")
-    lk = Lookup(FakeJobs([gone], {os.getpid(): (77, 1000)}))
-    r = lk.lookup(req)
-    assert r.status == P.STATUS_FOUND and r.stage == "uid"
-    lk = Lookup(FakeJobs([], {}))
+    assert (r.status, r.job_id, r.job_uid, r.pid) == (P.STATUS_FOUND, 77, 1000, os.getpid())
+    # held by a process that is in no job: unknown, without looking at any other process
+    jobs = FakeJobs([GONE], {os.getpid(): (77, 1000)})
+    lk = Lookup(jobs)
     r = lk.lookup(req)
     assert r.status == P.STATUS_UNKNOWN and r.why == "not-in-job" and r.pid is None
+    assert jobs.listed == 1
     r = lk.lookup(P.Request.make(ca, 1, sa, sp))
     assert r.status == P.STATUS_UNKNOWN and r.why == "no-socket"
-    assert not pid_has_inode(gone, "socket:[1]")
+    assert list(socket_fds(GONE)) == []
 
 
-def test_lookup_without_scan_all_uses_uid_only(tcp_pair):
+def test_procnet_backend(tcp_pair):
     cli, _ = tcp_pair(socket.AF_INET, "127.0.0.1")
     (ca, cp), (sa, sp) = cli.getsockname(), cli.getpeername()
-    lk = Lookup(FakeJobs([], {os.getpid(): (5, 0)}), scan_all=False, sockdiag="no")
+    lk = Lookup(FakeJobs([os.getpid()], {os.getpid(): (5, 0)}), sockdiag="no")
     assert lk.sock_backend == "procnet"
     r = lk.lookup(P.Request.make(ca, cp, sa, sp))
-    assert r.pid == os.getpid() and r.sock.via == "procnet" and r.stage == "uid"
+    assert r.pid == os.getpid() and r.sock.via == "procnet" and r.job_id == 5
 
 
-def test_scan_all_stage_for_other_owner(tcp_pair):
+def test_index_pass_only_on_miss_and_fresh_pass_is_authoritative(tcp_pair):
+    """One pass over the job processes serves every question that arrived before it began;
+    a miss is trusted only from a pass that began after the question arrived."""
+    a, _ = tcp_pair(socket.AF_INET, "127.0.0.1")
+    ia = os.fstat(a.fileno()).st_ino
+    jobs = FakeJobs([os.getpid()], {os.getpid(): (5, 0)})
+    idx = JobSockets(jobs)
+    t = time.monotonic()
+    assert idx.holder(ia, t) == (os.getpid(), (5, 0)) and idx.passes == 1
+    assert idx.holder(ia, time.monotonic()) == (os.getpid(), (5, 0)) and idx.passes == 1  # hit
+    b, _ = tcp_pair(socket.AF_INET, "127.0.0.1")      # a socket newer than the index
+    ib = os.fstat(b.fileno()).st_ino
+    assert idx.holder(ib, time.monotonic()) == (os.getpid(), (5, 0)) and idx.passes == 2
+    # asked about before the last pass began: the miss is authoritative, no new pass
+    assert idx.holder(123456789, t) is None and idx.passes == 2
+    # asked about now: a new pass
+    assert idx.holder(123456789, time.monotonic()) is None and idx.passes == 3
+    # a job that started a moment ago (the lister now reports a new pid) is seen
+    jobs.pids = []
+    b.close()
+
+
+def test_index_coalesces_concurrent_misses(tcp_pair):
+    """Many questions arriving together while a pass runs share the next pass."""
+    socks = [tcp_pair(socket.AF_INET, "127.0.0.1")[0] for _ in range(20)]
+    inodes = [os.fstat(s.fileno()).st_ino for s in socks]
+
+    class SlowJobs(FakeJobs):
+        def job_pids(self):
+            time.sleep(0.05)
+            return super().job_pids()
+    jobs = SlowJobs([os.getpid()], {os.getpid(): (9, 0)})
+    idx = JobSockets(jobs)
+    arrived = time.monotonic()
+    out = []
+    ts = [threading.Thread(target=lambda i=i: out.append(idx.holder(i, arrived))) for i in inodes]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+    assert out == [(os.getpid(), (9, 0))] * 20 and jobs.listed == 1
+
+
+def test_holder_scan_bounded_and_rate_limited(tcp_pair):
     cli, _ = tcp_pair(socket.AF_INET, "127.0.0.1")
-    (ca, cp), (sa, sp) = cli.getsockname(), cli.getpeername()
-    jobs = FakeJobs([], {os.getpid(): (5, 0)})
-    lk = Lookup(jobs, scan_all=True)
-    # pretend the socket belongs to another uid: only the "all" stage can find it
-    r = lk.find_pid(os.fstat(cli.fileno()).st_ino, 54321)
-    assert r == (os.getpid(), "all", (5, 0))
-    assert Lookup(jobs, scan_all=False).find_pid(os.fstat(cli.fileno()).st_ino, 54321)[0] is None
+    ino = os.fstat(cli.fileno()).st_ino
+    clock = [100.0]
+    hs = HolderScan(every=1.0, clock=lambda: clock[0])
+    pid, uid, comm = hs.find(ino)
+    assert pid == os.getpid() and uid == os.getuid() and comm
+    assert hs.find(ino) == "busy"
+    clock[0] += 1.5
+    hs.budget = -1.0                    # no time at all: gives up instead of scanning
+    assert hs.find(ino) == "timeout"
 
 
 def test_cgroup_jobs_pid_to_job_for_ordinary_process():
