@@ -1,4 +1,4 @@
-"""The `callerid` command: `audit` (pam_callerid's audit records) here; `daemon`, `query` and
+"""The `callerid` command: `audit` (audit_reader), `check` and `--version` here; `daemon`, `query` and
 `keygen` belong to daemon/ and are passed on to daemon.cli. (pam_callerid may import daemon,
 not the other way round, so the console script enters here.)"""
 import sys
@@ -11,8 +11,8 @@ def main(argv=None) -> int:
         print(f"slurm-callerid {VERSION}")
         return 0
     if argv and argv[0] == "audit":
-        from . import audit
-        return audit.main(argv[1:])
+        from . import audit_reader
+        return audit_reader.main(argv[1:])
     config, rest = _global_config(argv)
     if rest and rest[0] == "check":
         from . import check
@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print("\nalso: callerid check [--nodes HOSTLIST | --all-nodes]  (is this node ready?)"
               "\n      callerid --version"
-              "\n      callerid audit [--file PATH] [--job N] [--user NAME] [--node NAME] [--since WHEN] [--json]")
+              "\n      callerid audit [--since WHEN] [--until WHEN] [--job N] [--user U] [--node N]"
+              " [--path P] [--follow | --summary] [--json]")
     return rc
 
 
