@@ -15,9 +15,10 @@ symlink or FIFO planted at either name is replaced, never followed (prometheus_c
 ``write_to_textfile`` opens a fixed temporary name without O_EXCL and would follow a
 symlink planted there by whoever may write the directory).
 
-One :class:`Metrics` per daemon process (:data:`METRICS`): the caller-ID server
-(daemon/server.py), the PAM decision service (pam_callerid/service.py) and the exporter
-share it. Label values come from small fixed sets (paths, results, outcomes); anything that
+One :class:`Metrics` per daemon process (:data:`METRICS`): the PAM decision service
+(pam_callerid/service.py) counts into it, the caller-ID server's own counters
+(daemon.server.Server.snapshot) are read at each export (:meth:`Metrics.watch_server`: no
+work on the server's hot path), and the exporter writes it. Label values come from small fixed sets (paths, results, outcomes); anything that
 does not look like one (free text, too long) is counted as ``other`` so a bug can never
 explode the number of series.
 """
@@ -29,6 +30,7 @@ import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .version import VERSION
 
@@ -81,18 +83,7 @@ class Metrics:
         self._query_seconds = Histogram(
             "callerid_client_query_seconds", "duration of a caller-ID question to a source "
             "host", buckets=LATENCY_BUCKETS, registry=r)
-        # the caller-ID server (questions from other nodes)
-        self._answers = Counter(
-            "callerid_server_answers", "caller-ID answers sent by status",
-            ["status"], registry=r)
-        self._answer_seconds = Histogram(
-            "callerid_server_answer_seconds", "time from a caller-ID request's arrival to "
-            "its answer", buckets=LATENCY_BUCKETS, registry=r)
-        self._dropped = Counter(
-            "callerid_server_dropped", "caller-ID connections closed without an answer by "
-            "admission control, by reason (rate_limited, max_connections, timeout, "
-            "malformed, replay, ...)", ["reason"], registry=r)
-
+        self._server = None
     # --- the PAM decision service
     def pam_decision(self, phase, path, result, seconds=None):
         self._decisions.labels(label(phase), label(path), label(result)).inc()
@@ -114,18 +105,68 @@ class Metrics:
         if seconds is not None:
             self._query_seconds.observe(seconds)
 
-    # --- the caller-ID server
-    def server_answer(self, status, seconds=None):
-        self._answers.labels(label(status)).inc()
-        if seconds is not None:
-            self._answer_seconds.observe(seconds)
-
-    def server_dropped(self, reason, n=1):
-        self._dropped.labels(label(reason)).inc(n)
+    # --- the caller-ID server: its own counters (Server.snapshot), read at each export
+    def watch_server(self, snapshot):
+        """Export ``snapshot()`` (daemon.server.Server.snapshot: monotonic counters and
+        three gauges) at every collection; replaces a previous server's (after a restart
+        of the server object)."""
+        if self._server is not None:
+            self.registry.unregister(self._server)
+        self._server = _ServerCollector(snapshot)
+        self.registry.register(self._server)
 
     def text(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+# Server.snapshot() gauges -> (metric name, help)
+_SERVER_GAUGES = {
+    "active": ("callerid_server_connections_active", "caller-ID connections open now"),
+    "pending": ("callerid_server_connections_pending",
+                "caller-ID connections without a complete request now"),
+    "queued": ("callerid_server_requests_queued", "caller-ID requests waiting for a worker"),
+}
+
+
+class _ServerCollector:
+    """Turns Server.snapshot() into metric families: ``answers-<status>`` ->
+    callerid_server_answers_total{status}; every other counter (admission and security
+    events: reclaimed, over-capacity, first-byte-timeouts, request-timeouts, rate-limited,
+    auth-failures, replays, violations, reloads, ...) ->
+    callerid_server_events_total{event}; the gauges by name (_SERVER_GAUGES)."""
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def _snap(self):
+        for _ in range(5):        # the event loop thread may add a key while we copy
+            try:
+                return dict(self.snapshot())
+            except RuntimeError:
+                continue
+        return {}
+
+    def collect(self):
+        snap = self._snap()
+        answers = CounterMetricFamily("callerid_server_answers", "caller-ID answers sent, by "
+                                      "status (answers to root are also in events root)",
+                                      labels=["status"])
+        events = CounterMetricFamily("callerid_server_events", "caller-ID server admission "
+                                     "and security events since start (see Server.snapshot)",
+                                     labels=["event"])
+        gauges = []
+        for key, value in sorted(snap.items()):
+            if key in _SERVER_GAUGES:
+                name, doc = _SERVER_GAUGES[key]
+                gauges.append(GaugeMetricFamily(name, doc, value=value))
+            elif key.startswith("answers-") and key != "answers-root":
+                answers.add_metric([label(key[len("answers-"):])], value)
+            else:
+                events.add_metric([label(key.replace("answers-", ""))], value)
+        yield answers
+        yield events
+        yield from gauges
 
 
 METRICS = Metrics()

@@ -33,8 +33,6 @@ def test_counts_every_kind_of_event():
     m.adoption("cgroup", "stepd_timeout")
     m.callerid_query("found", 0.003)
     m.callerid_query("negative_cached")
-    m.server_answer("unknown", 0.0002)
-    m.server_dropped("rate_limited", 3)
     s = samples(m.text())
     assert s[("callerid_build_info", (("version", VERSION),))] == 1
     key = (("path", "caller-ID"), ("phase", "account"), ("result", "success"))
@@ -46,8 +44,37 @@ def test_counts_every_kind_of_event():
     assert s[("callerid_adoption_fallbacks_total", (("reason", "stepd_timeout"),))] == 1
     assert s[("callerid_client_queries_total", (("outcome", "negative_cached"),))] == 1
     assert s[("callerid_client_query_seconds_count", ())] == 1
-    assert s[("callerid_server_answers_total", (("status", "unknown"),))] == 1
-    assert s[("callerid_server_dropped_total", (("reason", "rate_limited"),))] == 3
+
+
+def test_server_counters_come_from_its_snapshot():
+    m = fresh()
+    snap = {"answers-found": 4, "answers-unknown": 2, "answers-root": 5, "rate-limited": 3,
+            "reclaimed": 1, "active": 7, "pending": 2, "queued": 0}
+    m.watch_server(lambda: snap)
+    s = samples(m.text())
+    assert s[("callerid_server_answers_total", (("status", "found"),))] == 4
+    assert s[("callerid_server_answers_total", (("status", "unknown"),))] == 2
+    assert s[("callerid_server_events_total", (("event", "rate-limited"),))] == 3
+    assert s[("callerid_server_events_total", (("event", "root"),))] == 5
+    assert s[("callerid_server_connections_active", ())] == 7
+    assert s[("callerid_server_requests_queued", ())] == 0
+    snap["answers-found"] = 9
+    assert samples(m.text())[("callerid_server_answers_total", (("status", "found"),))] == 9
+    m.watch_server(lambda: {"answers-found": 1})           # a new server object (restart)
+    assert samples(m.text())[("callerid_server_answers_total", (("status", "found"),))] == 1
+
+
+def test_a_snapshot_racing_with_the_event_loop_is_retried():
+    m = fresh()
+    calls = []
+
+    def snap():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("dictionary changed size during iteration")
+        return {"answers-found": 1}
+    m.watch_server(snap)
+    assert samples(m.text())[("callerid_server_answers_total", (("status", "found"),))] == 1
 
 
 def test_free_text_labels_are_bounded():
@@ -94,17 +121,17 @@ def test_exporter_writes_periodically_and_at_stop(tmp_path):
     ex = TextfileExporter(m, str(path), interval=0.05).start()
     try:
         assert path.exists()
-        m.server_answer("found", 0.001)
+        m.callerid_query("found", 0.001)
         for _ in range(100):
-            if b'callerid_server_answers_total{status="found"} 1.0' in path.read_bytes():
+            if b'callerid_client_queries_total{outcome="found"} 1.0' in path.read_bytes():
                 break
             threading.Event().wait(0.02)
         else:
             pytest.fail("the exporter did not rewrite the file")
     finally:
         ex.stop()
-    m.server_answer("found", 0.001)
-    assert b'status="found"} 1.0' in path.read_bytes()         # stopped: no more writes
+    m.callerid_query("found", 0.001)
+    assert b'outcome="found"} 1.0' in path.read_bytes()        # stopped: no more writes
 
 
 def test_exporter_survives_an_unwritable_directory(tmp_path):
