@@ -8,7 +8,7 @@
 #                                                  same tree: the upgrade test does this)
 #
 # Prints the path of the .deb on stdout. What goes where (callerid(8), FILES):
-#   <PAM dir>/pam_callerid.so     the C client, PAM dir = where libpam-modules put pam_unix.so
+#   <PAM dir>/pam_callerid.so     the C client (pam_callerid/build.py), PAM dir = where pam_unix.so is
 #   /usr/lib/slurm-callerid/      the daemon's Python packages (pam_callerid, daemon, cgroups),
 #                                 byte-compiled, root-owned; run by Debian's /usr/bin/python3
 #   /usr/sbin/callerid            `python3 -IB` wrapper (isolated: no PYTHON* variables, no
@@ -33,16 +33,11 @@ upstream_version() {
     fi
 }
 
-# the directory libpam loads modules from on this system: where libpam-modules installed
-# pam_unix.so (Debian 12: /lib/x86_64-linux-gnu/security), else /lib/<multiarch>/security
+# the directory libpam loads modules from on this system: where pam_unix.so is (one
+# definition: pam_callerid.build.pam_module_dir; Debian 12: /lib/x86_64-linux-gnu/security)
 pam_module_dir() {
-    local unix
-    unix=$(dpkg-query -L libpam-modules 2>/dev/null | grep '/security/pam_unix\.so$' | head -n1 || true)
-    if [ -n "$unix" ]; then
-        dirname "$unix"
-    else
-        echo "/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)/security"
-    fi
+    (cd "$HERE" && "$PY" -I -B -c 'import sys; sys.path.insert(0, "."); from pam_callerid.build import pam_module_dir; print(pam_module_dir())') \
+        || die "cannot find the PAM module directory"
 }
 
 systemd_unit_dir() {
@@ -54,7 +49,7 @@ build_pam_module() {
     local out=$1
     [ -f "$HERE/pam_callerid/pam_callerid.c" ] || die "pam_callerid/pam_callerid.c is missing"
     (cd "$HERE" && "$PY" -I -B -c 'import sys; sys.path.insert(0, "."); from pam_callerid.build import main; sys.exit(main(sys.argv[1:]))' \
-        --out "$out" --version "$VERSION" >&2) || die "building the PAM module failed"
+        --out "$out" >&2) || die "building the PAM module failed"
     [ -f "$out/pam_callerid.so" ] || die "the PAM module build left no $out/pam_callerid.so"
 }
 
