@@ -20,6 +20,7 @@ setup(
     description="Adopt ssh sessions into Slurm jobs via an authenticated caller-ID daemon",
     python_requires=">=3.11",
     packages=["pam_callerid", "daemon", "cgroups"],
+    package_data={"pam_callerid": ["pam_callerid.c"]},     # the PAM module's source
     install_requires=["psutil>=5.9", "pyroute2>=0.7", "cffi>=1.15", "prometheus-client>=0.16"],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "python-pam>=2.0"]},
     entry_points={"console_scripts": ["callerid = pam_callerid.cli:main"]},
