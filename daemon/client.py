@@ -96,21 +96,12 @@ def auth_from_config(cfg):
 
 def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: str = "tcp",
           trusted_uids=frozenset({0}), request: P.Request | None = None,
-          reserved_port: bool = True) -> Answer:
+          reserved_port: bool = True, source: str | None = None) -> Answer:
     """Ask the caller-ID daemon on `host` which job owns its end (src) of the connection
     src -> dst.  Never raises for network trouble; never takes longer than `timeout` seconds
-    (plus one munge round trip to the local munged for signing/verifying)."""
+    (plus one munge round trip to the local munged for signing/verifying).  `source`: the
+    local address to connect from (default: the kernel's choice)."""
     t0 = time.monotonic()
-    deadline = t0 + timeout
-
-    def done(outcome, detail="", reply: P.Reply | None = None, cacheable=False):
-        el = (time.monotonic() - t0) * 1e3
-        if reply is None:
-            return Answer(outcome, detail=detail, elapsed_ms=el, cacheable=cacheable)
-        found = reply.status == P.STATUS_FOUND
-        return Answer(outcome, reply.job_id if found else None, reply.job_uid if found else None,
-                      reply.node or None, detail, el)
-
     try:
         if request is None:
             sa, sp = parse_endpoint(src)
@@ -118,9 +109,36 @@ def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: 
             request = P.pack_request(sa, sp, da, dp, proto)   # = Request.make, no ipaddress
         frame = _seal(request, auth)
     except (ValueError, KeyError) as e:
-        return done(LOCAL_ERROR, f"bad request: {e}")
+        return _answer(t0, LOCAL_ERROR, f"bad request: {e}")
     except Exception as e:  # AuthError / AuthUnavailable (munged unreachable here)
-        return done(LOCAL_ERROR, f"cannot sign request: {e}")
+        return _answer(t0, LOCAL_ERROR, f"cannot sign request: {e}")
+    return _send(host, port, request, frame, auth, t0, t0 + timeout, trusted_uids,
+                 reserved_port, source)
+
+
+def _answer(t0, outcome, detail="", reply: P.Reply | None = None, cacheable=False) -> Answer:
+    el = (time.monotonic() - t0) * 1e3
+    if reply is None:
+        return Answer(outcome, detail=detail, elapsed_ms=el, cacheable=cacheable)
+    found = reply.status == P.STATUS_FOUND
+    return Answer(outcome, reply.job_id if found else None, reply.job_uid if found else None,
+                  reply.node or None, detail, el)
+
+
+def query_sealed(host: str, port: int, request, frame: bytes, *, auth, timeout: float = 2.0,
+                 trusted_uids=frozenset({0}), reserved_port: bool = True,
+                 source: str | None = None) -> Answer:
+    """query() for a request already sealed (`frame` = wire.seal_request(request, auth)):
+    the exchange alone, for callers that sign ahead of time."""
+    t0 = time.monotonic()
+    return _send(host, port, request, frame, auth, t0, t0 + timeout, trusted_uids,
+                 reserved_port, source)
+
+
+def _send(host, port, request, frame, auth, t0, deadline, trusted_uids, reserved_port,
+          source) -> Answer:
+    def done(outcome, detail="", reply=None, cacheable=False):
+        return _answer(t0, outcome, detail, reply, cacheable)
 
     try:
         infos = _socket.getaddrinfo(_host_arg(host), port, 0, _socket.SOCK_STREAM, 0,
@@ -130,7 +148,7 @@ def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: 
     reserved = reserved_port and _posix.geteuid() == 0
     last, no_daemon = "no address", True
     for fam, st, pr, _, addr in infos:
-        s, why, cacheable = _connect(fam, st, pr, addr, deadline, reserved)
+        s, why, cacheable = _connect(fam, st, pr, addr, deadline, reserved, source)
         if s is None:
             last = why
             no_daemon = no_daemon and cacheable
@@ -142,7 +160,7 @@ def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: 
     return done(UNREACHABLE, last, cacheable=no_daemon)
 
 
-def _connect(fam, st, pr, addr, deadline, reserved):
+def _connect(fam, st, pr, addr, deadline, reserved, source):
     """-> (connected socket, "", _) or (None, why, cacheable)."""
     where = f"connect {addr[0]}:{addr[1]}"
     tries = _RESERVED_TRIES if reserved else 0
@@ -155,10 +173,14 @@ def _connect(fam, st, pr, addr, deadline, reserved):
         except OSError as e:
             return None, f"socket: {e}", False
         try:
+            bound = False
             if tries:
                 tries -= 1
-                if not _bind_reserved(s, fam):
+                bound = _bind_reserved(s, fam, source)
+                if not bound:
                     tries = 0
+            if not bound and source is not None:
+                s.bind((source, 0))
             s.settimeout(remaining)
             s.connect(addr)
             return s, "", False
@@ -174,10 +196,10 @@ def _connect(fam, st, pr, addr, deadline, reserved):
             return None, f"{where}: {e.strerror or e}", False
 
 
-def _bind_reserved(s, fam) -> bool:
+def _bind_reserved(s, fam, source=None) -> bool:
     """Bind a random free port in RESERVED_FIRST..RESERVED_LAST; False when none was free
     (or we may not): the socket then connects from an ordinary port."""
-    any_addr = "::" if fam == _socket.AF_INET6 else "0.0.0.0"
+    any_addr = source or ("::" if fam == _socket.AF_INET6 else "0.0.0.0")
     span = RESERVED_LAST - RESERVED_FIRST + 1
     s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
     for _ in range(_RESERVED_TRIES):
