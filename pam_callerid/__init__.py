@@ -3,11 +3,12 @@
 Owns: the shim build, option parsing (pam_slurm_adopt-compatible), the account-phase decision,
 session-phase adoption, audit records. Imports: cgroups, daemon (client side only).
 
-Build and install (as root, with the project's venv built from Debian's /usr/bin/python3)::
+Build and install the C client (gcc and libpam's headers only; see build.py)::
 
-    /opt/slurm-callerid/bin/python -m pam_callerid.build --venv /opt/slurm-callerid \\
-        --out build/pam --install            # -> /lib/x86_64-linux-gnu/security/pam_callerid.so
+    python3 -m pam_callerid.build --out build/pam --install   # -> the dir holding pam_unix.so
     # --install-dir DIR installs elsewhere (tests use an absolute path in their PAM files)
+
+On nodes, install the Debian package instead (`bash packaging/run deb`, docs/admin-guide.md).
 
 PAM lines (sshd's stack; decide in account, adopt in session)::
 
