@@ -740,6 +740,8 @@ static const char *parse_reply(char *msg, size_t len, int nfds, struct reply *r)
     }
     if (!have_rc)
         return "no rc= line";
+    if (have_fail && !r->setns)
+        return "setns_fail= without setns=";
     if (nfds > 1)
         return "more than one fd attached";
     if (r->setns != nfds)

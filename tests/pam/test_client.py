@@ -236,8 +236,14 @@ def test_item_with_newline_is_sent_empty(so, services, sockdir, cid_user):
 DRIVER = r"""
 #include <security/pam_appl.h>
 #include <dlfcn.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+static volatile sig_atomic_t ticks;
+static void tick(int s) { (void)s; ticks++; }
 static int conv(int n, const struct pam_message **m, struct pam_response **r, void *d)
 {
     (void)m; (void)d;
@@ -245,17 +251,35 @@ static int conv(int n, const struct pam_message **m, struct pam_response **r, vo
     return *r ? PAM_SUCCESS : PAM_BUF_ERR;
 }
 static struct pam_conv pc = { conv, NULL };
-int main(int argc, char **argv)        /* drv MODULE SERVICE USER ARG... */
+/* drv MODULE SERVICE USER ARG...; with CID_EINTR_US=N, SIGALRM (a handler without
+   SA_RESTART) every N us while the module runs */
+int main(int argc, char **argv)
 {
     pam_handle_t *h = NULL;
     void *m = dlopen(argv[1], RTLD_NOW);
     int (*acct)(pam_handle_t *, int, int, const char **);
+    struct timespec t0, t1;
+    struct itimerval it, off;
+    struct sigaction sa;
     int rc;
     if (!m || argc < 4 || pam_start(argv[2], argv[3], &pc, &h) != PAM_SUCCESS)
         return 2;
     *(void **)&acct = dlsym(m, "pam_sm_acct_mgmt");
+    memset(&off, 0, sizeof off);
+    if (getenv("CID_EINTR_US")) {
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = tick;
+        sigaction(SIGALRM, &sa, NULL);
+        it.it_interval.tv_sec = it.it_value.tv_sec = 0;
+        it.it_interval.tv_usec = it.it_value.tv_usec = atoi(getenv("CID_EINTR_US"));
+        setitimer(ITIMER_REAL, &it, NULL);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     rc = acct(h, 0, argc - 4, (const char **)argv + 4);
-    printf("rc=%d\n", rc);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    setitimer(ITIMER_REAL, &off, NULL);
+    printf("rc=%d ms=%.1f ticks=%d\n", rc,
+           (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6, (int)ticks);
     pam_end(h, rc);
     return 0;
 }
@@ -264,12 +288,21 @@ int main(int argc, char **argv)        /* drv MODULE SERVICE USER ARG... */
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    """Calls pam_sm_acct_mgmt with any argv (a PAM file cannot hold a newline)."""
+    """Calls pam_sm_acct_mgmt with any argv (a PAM file cannot hold a newline), optionally
+    under a storm of signals."""
     d = tmp_path_factory.mktemp("drv")
     (d / "drv.c").write_text(DRIVER)
     subprocess.run(["gcc", "-O2", "-o", str(d / "drv"), str(d / "drv.c"), "-lpam", "-ldl"],
                    check=True)
-    return str(d / "drv")
+    exe = str(d / "drv")
+
+    def run(so, svc, user, args, env=None):
+        r = subprocess.run([exe, so, svc, user] + list(args), capture_output=True,
+                           timeout=30, env=env)
+        m = re.fullmatch(rb"rc=(\d+) ms=([\d.]+) ticks=(\d+)\n", r.stdout)
+        assert m, r
+        return int(m[1]), float(m[2]), int(m[3])
+    return run
 
 
 def test_argument_with_newline_or_bad_utf8_is_dropped(so, driver, services, sockdir,
@@ -278,12 +311,52 @@ def test_argument_with_newline_or_bad_utf8_is_dropped(so, driver, services, sock
         svc = services.make(["account required pam_permit.so"])
         args = [b"service=*", b"socket=" + d.path.encode(), b"evil=a\nrc=success",
                 b"bad=\xff", b"x=1"]
-        r = subprocess.run([driver, so, svc, cid_user[0]] + args, capture_output=True,
-                           timeout=30)
-        assert r.stdout == b"rc=0\n", r
+        assert driver(so, svc, cid_user[0], args)[0] == 0          # PAM_SUCCESS
         req = lines(d.records()[0])
     assert [ln for ln in req if ln.startswith("arg=")] == [
         "arg=service=*", "arg=socket=%s" % d.path, "arg=x=1"]
+
+
+def test_signals_do_not_stretch_or_break_the_deadline(so, driver, services, sockdir,
+                                                      cid_user):
+    """poll() interrupted every millisecond (EINTR): the wait still ends at the one
+    deadline."""
+    with ForgedDaemon(sockdir, [{"do": "hang"}]) as d:
+        svc = services.make(["account required pam_permit.so"])
+        rc, ms, ticks = driver(so, svc, cid_user[0],
+                               ["service=*", "socket=" + d.path, "daemon_timeout=0.5",
+                                "action_generic_failure=deny"],
+                               env={"CID_EINTR_US": "1000"})
+    assert rc == 6, rc                                   # PAM_PERM_DENIED
+    assert 500 <= ms <= 600 and ticks > 50, (ms, ticks)
+
+
+def test_wire_compatibility(so, services, sockdir, cid_user):
+    """The daemon's side of the protocol (pam_callerid/wire.py) reads what this client
+    sends, and this client accepts what wire.encode_reply produces."""
+    from pam_callerid import wire
+    reply = wire.encode_reply(wire.Reply("perm_denied", errors=("no\tjobs",), infos=("i",),
+                                         env=("SLURM_JOB_ID=7",), setns="mnt",
+                                         setns_fail="session_err"))
+    a = tcp_pair(socket.AF_INET6, "::", socket.AF_INET, "127.0.0.1")
+    conn = conn_of(a[1])
+    try:
+        with ForgedDaemon(sockdir, [{"reply": reply.decode(), "fds": ["ns:self"]}]) as d:
+            svc = svc_for(services, so, d.path, "action_generic_failure=allow",
+                          phases=("account",))
+            r = pamtester(svc, cid_user[0], "acct_mgmt(PAM_SILENT)", pass_fds=[a[1].fileno()],
+                          items=[("rhost", "::1"), ("tty", "ssh")],
+                          pam_env=[("SSH_CONNECTION", "127.0.0.1 1 127.0.0.1 2")])
+            assert r.outcome == "perm_denied" and "no jobs" in r.out, r.out
+            req = wire.parse_request(d.records()[0]["request"].encode())
+    finally:
+        for s in a:
+            s.close()
+    assert (req.phase, req.service, req.user, req.rhost, req.tty, req.silent) == (
+        "account", svc, cid_user[0], "::1", "ssh", True)
+    assert str(req.conn) == conn and req.conn.src_ip == "::ffff:127.0.0.1"
+    assert req.args == ("service=%s" % svc, "socket=%s" % d.path,
+                        "action_generic_failure=allow")
 
 
 # ------------------------------------------------------------------ the TCP connection
@@ -499,7 +572,10 @@ MALFORMED = {
     "env empty name": {"reply": OK + "env==b\n"},
     "setns other kind": {"reply": OK + "setns=net\n", "fds": ["pipe"]},
     "two setns": {"reply": OK + "setns=mnt\nsetns=mnt\n", "fds": ["pipe"]},
-    "setns_fail unknown": {"reply": OK + "setns_fail=maybe\n"},
+    "setns_fail unknown": {"reply": OK + "setns=mnt\nsetns_fail=maybe\n", "fds": ["pipe"]},
+    "two setns_fail": {"reply": OK + "setns=mnt\nsetns_fail=ignore\nsetns_fail=ignore\n",
+                       "fds": ["pipe"]},
+    "setns_fail without setns": {"reply": OK + "setns_fail=perm_denied\n"},
     "setns without fd": {"reply": OK + "setns=mnt\n"},
     "fd without setns": {"reply": OK, "fds": ["pipe"]},
     "two fds": {"reply": OK + "setns=mnt\n", "fds": ["pipe", "pipe"]},
