@@ -19,8 +19,9 @@ Public API::
     parse_conf_text(text, filename="<string>") -> list[tuple[str, str, int]]
     parse_conf_lines(text, filename="<string>") -> list[ConfLine]
     load_conf(path, *, max_bytes=16 MiB) -> Conf
-    Conf: get(key, default=None), conf[key], key in conf, getall(key), lines(key),
+    Conf: get(key, default=None), conf[key], key in conf, lines(key),
           where(key) -> (filename, lineno), items(), keys(), entries()
+    parse_bool(value, *, prefix=False) -> True | False | None
 
 This module depends on the standard library only (it is also used by the daemon).
 """
@@ -28,7 +29,8 @@ import os
 
 from .errors import ConfError
 
-__all__ = ["ConfError", "ConfLine", "Conf", "parse_conf_text", "parse_conf_lines", "load_conf"]
+__all__ = ["ConfError", "ConfLine", "Conf", "parse_conf_text", "parse_conf_lines", "load_conf",
+           "parse_bool"]
 
 MAX_BYTES = 16 * 1024 * 1024
 MAX_INCLUDE_DEPTH = 16
@@ -57,6 +59,31 @@ class ConfLine:
 
     def __repr__(self):
         return f"ConfLine({self.pairs!r}, {self.filename!r}, {self.lineno})"
+
+
+# The one boolean vocabulary of the project: Slurm's (src/common/parse_value.c,
+# s_p_handle_boolean, 22.05 and 24.11: yes/up/true/1, no/down/false/0, case-insensitive) plus
+# on/off, which the daemon's configuration always accepted.
+TRUE_WORDS = ("1", "yes", "true", "on", "up")
+FALSE_WORDS = ("0", "no", "false", "off", "down")
+_BOOL_WORDS = tuple((w, True) for w in TRUE_WORDS) + tuple((w, False) for w in FALSE_WORDS)
+
+
+def parse_bool(value, *, prefix=False):
+    """The boolean a configuration word means: True, False, or None when it is none of
+    :data:`TRUE_WORDS` / :data:`FALSE_WORDS` (case-insensitive, surrounding blanks ignored).
+
+    ``prefix=True`` is pam_slurm_adopt's way of reading module arguments (``xstrncasecmp``
+    against the word's length): the value only has to start with a word, so ``yes_please``
+    is True. The caller decides what None means (an error, or keep the default).
+    """
+    if not isinstance(value, str):
+        return None
+    v = value.strip(_BLANKS).lower()
+    for word, meaning in _BOOL_WORDS:
+        if v == word or (prefix and v.startswith(word)):
+            return meaning
+    return None
 
 
 def _strip_comment(line, filename, lineno):
@@ -224,11 +251,6 @@ class Conf:
     def get(self, key, default=None):
         hit = self._last.get(key.lower())
         return default if hit is None else hit[1]
-
-    def getall(self, key):
-        """Every value given for ``key`` in file order (any position on a line)."""
-        low = key.lower()
-        return [v for cl in self._lines for k, v in cl.pairs if k.lower() == low]
 
     def lines(self, key=None):
         """Logical lines whose first key is ``key`` (all lines if None), in file order."""

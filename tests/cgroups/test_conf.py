@@ -40,7 +40,6 @@ def test_case_insensitive_last_wins():
     assert c["CgroupPlugin"] == "cgroup/v2"
     assert c.get("cgroupPLUGIN") == "cgroup/v2"
     assert "CgroupPlugin" in c and "Nope" not in c
-    assert c.getall("cgroupplugin") == ["cgroup/v1", "cgroup/v2"]
     assert c.where("CgroupPlugin") == ("c", 2)
     assert c.get("missing", "dflt") == "dflt"
     with pytest.raises(KeyError):
@@ -184,3 +183,23 @@ def _strip_reference(line):
 def test_strip_comment_fast_path_matches_definition(line):
     from cgroups.conf import _strip_comment
     assert _strip_comment(line, "f", 1) == _strip_reference(line)
+
+
+@pytest.mark.parametrize("value,want", [
+    ("yes", True), ("TRUE", True), (" 1 ", True), ("on", True), ("Up", True),
+    ("no", False), ("False", False), ("0", False), ("OFF", False), ("down", False),
+    ("", None), ("y", None), ("yes please", None), ("2", None), (None, None), (1, None),
+])
+def test_parse_bool(value, want):
+    from cgroups.conf import parse_bool
+    assert parse_bool(value) is want
+
+
+@pytest.mark.parametrize("value,want", [
+    ("1", True), ("yes_please", True), ("truex", True), ("0", False), ("none", False),
+    ("falsey", False), ("", None), ("maybe", None), ("10", True),
+])
+def test_parse_bool_prefix(value, want):
+    """pam_slurm_adopt reads its module arguments by prefix (xstrncasecmp)."""
+    from cgroups.conf import parse_bool
+    assert parse_bool(value, prefix=True) is want
