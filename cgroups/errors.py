@@ -76,5 +76,32 @@ class StepdTimeout(StepdError, TimeoutError):
 
 
 class StepdProtocolError(StepdError):
-    """The peer answered something a slurmstepd would not: refused handshake, closed early,
-    impossible uid, or a listener that does not run as root (not trusted)."""
+    """The peer answered something a slurmstepd would not: closed early, impossible values,
+    or a listener that does not run as root (not trusted)."""
+
+
+class StepdRefused(StepdProtocolError):
+    """The stepd refused our protocol version in the handshake (it answered -1 and closed).
+    ``version`` is the version we sent."""
+
+    def __init__(self, message, socket=None, version=None):
+        self.version = version
+        super().__init__(message, socket)
+
+
+class StepdRequestFailed(StepdError):
+    """The stepd understood the request and answered that it failed (for example
+    REQUEST_ADD_EXTERN_PID answered rc -1). ``rc`` is what it answered."""
+
+    def __init__(self, message, socket=None, rc=None):
+        self.rc = rc
+        super().__init__(message, socket)
+
+
+class NamespaceError(CgroupError):
+    """A job container's mount namespace handle is unusable: the file is not an nsfs mount
+    namespace (a FIFO, a symlink, another namespace type, not root's), or cannot be opened."""
+
+    def __init__(self, message, path=None):
+        self.path = path
+        super().__init__(message)

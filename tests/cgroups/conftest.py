@@ -121,3 +121,18 @@ def tree(tmp_path):
         yield t
     finally:
         t.cleanup()
+
+
+@pytest.fixture
+def fakes():
+    """make(path, release="22.05", **kw) -> a running FakeStepd; all closed at the end."""
+    from fakestepd import FakeStepd
+    made = []
+
+    def make(path, release="22.05", **kw):
+        f = FakeStepd(path, release, **kw)
+        made.append(f)
+        return f
+    yield make
+    for f in made:
+        f.close()
