@@ -24,9 +24,10 @@ def test_defaults_match_pam_slurm_adopt():
     assert o.port is None
     assert o.config == "/etc/slurm/callerid.conf"
     assert o.audit == options.DEFAULT_AUDIT
-    assert o.quiet is False
-    assert o.onerror == "fail"
-    assert o.logs == []
+    assert o.messages == "fallback"
+    assert o.allow_groups == ()
+    assert o.socket == "/run/callerid/pam.sock" and o.daemon_timeout == 2.0
+    assert o.logs == ()
 
 
 @pytest.mark.parametrize("name,values", [
@@ -34,14 +35,14 @@ def test_defaults_match_pam_slurm_adopt():
     ("action_unknown", ["newest", "allow", "deny", "user"]),
     ("action_adopt_failure", ["allow", "deny"]),
     ("action_generic_failure", ["ignore", "allow", "deny"]),
-    ("onerror", ["fail", "ignore"]),
+    ("messages", ["fallback", "always", "never"]),
 ])
 def test_every_action_value(name, values):
     for v in values:
         for spelled in (v, v.upper(), v.capitalize(), v + "XYZ"):
             o = parse(["%s=%s" % (name, spelled)])
             assert getattr(o, name) == v, spelled
-            assert o.logs == []
+            assert o.logs == ()
         # option name is matched case-insensitively
         o = parse(["%s=%s" % (name.upper(), v)])
         assert getattr(o, name) == v
@@ -49,7 +50,8 @@ def test_every_action_value(name, values):
 
 @pytest.mark.parametrize("name,safest", [
     ("action_no_jobs", "deny"), ("action_unknown", "deny"),
-    ("action_adopt_failure", "deny"), ("action_generic_failure", "deny"), ("onerror", "fail")])
+    ("action_adopt_failure", "deny"), ("action_generic_failure", "deny"),
+    ("messages", "fallback")])
 @pytest.mark.parametrize("bad", ["", "dny", "alow", "xnewest", "0", "yes"])
 def test_bad_action_value_picks_safest_and_logs(name, safest, bad):
     o = parse(["%s=%s" % (name, bad)])
@@ -58,7 +60,7 @@ def test_bad_action_value_picks_safest_and_logs(name, safest, bad):
 
 
 @pytest.mark.parametrize("name", ["disable_x11", "ignore_root", "join_container",
-                                  "single_job_skip_rpc", "quiet"])
+                                  "single_job_skip_rpc"])
 def test_booleans(name):
     for word, val in (("1", True), ("0", False), ("true", True), ("false", False),
                       ("TRUE", True), ("False", False)):
@@ -68,8 +70,8 @@ def test_booleans(name):
 
 
 def test_bad_boolean_keeps_default():
-    o = parse(["single_job_skip_rpc=maybe", "quiet=perhaps"])
-    assert o.single_job_skip_rpc is True and o.quiet is False
+    o = parse(["single_job_skip_rpc=maybe", "disable_x11=perhaps"])
+    assert o.single_job_skip_rpc is True and o.disable_x11 is False
     assert len([t for lv, t in o.logs if "unrecognized" in t]) == 2
 
 
@@ -79,9 +81,24 @@ def test_ignore_root_zero_is_forced_to_one_with_danger_log():
     assert any("Danger" in t for _, t in o.logs)
 
 
-def test_bare_quiet():
-    assert parse(["quiet"]).quiet is True
-    assert parse(["QUIET"]).quiet is True
+def test_bare_quiet_means_messages_never():
+    assert parse(["quiet"]).messages == "never"
+    assert parse(["QUIET"]).messages == "never"
+    assert parse(["quiet", "messages=always"]).messages == "always"      # last one wins
+
+
+def test_allow_groups():
+    assert parse(["allow_groups=wheel, hpcadmin,,"]).allow_groups == ("wheel", "hpcadmin")
+    o = parse(["allow_groups="])
+    assert o.allow_groups == () and o.logs
+
+
+def test_client_options_accepted():
+    o = parse(["socket=/run/x/pam.sock", "daemon_timeout=0.5"])
+    assert (o.socket, o.daemon_timeout, o.logs) == ("/run/x/pam.sock", 0.5, ())
+    o = parse(["socket=relative", "daemon_timeout=99"])
+    assert o.socket == "/run/callerid/pam.sock" and o.daemon_timeout == 60.0
+    assert len(o.logs) == 2
 
 
 def test_log_levels():
@@ -127,12 +144,6 @@ def test_unknown_options_logged_and_ignored():
     assert o.action_unknown == "newest"
     assert len(o.logs) == 4
     assert all("ignoring unrecognized option" in t for _, t in o.logs)
-
-
-def test_unsupported_logged_when_not_honoured():
-    assert parse(["disable_x11=1", "join_container=false"]).logs == []
-    o = parse(["disable_x11=0", "join_container=true"])
-    assert len([t for _, t in o.logs if "not supported" in t]) == 2
 
 
 def test_last_one_wins():

@@ -10,9 +10,10 @@ U = 2001
 J1, J2, J3 = Job(11, U, 100.0), Job(12, U, 200.0), Job(13, U, 200.0)
 
 
-def d(jobs=(), args=(), cid=None, service="sshd", user="alice", uid=U, jobs_error=None):
+def d(jobs=(), args=(), cid=None, service="sshd", user="alice", uid=U, jobs_error=None,
+      **facts):
     return decide(service, user, uid, None if jobs is None else list(jobs), parse(list(args)),
-                  callerid=cid, jobs_error=jobs_error)
+                  callerid=cid, jobs_error=jobs_error, **facts)
 
 
 def found(job, uid=U, auth=True):
@@ -23,7 +24,9 @@ def test_messages_exact():
     assert policy.MSG_NO_JOBS == \
         "Access denied by pam_callerid: you have no active jobs on this node"
     assert policy.MSG_UNKNOWN == "Access denied by pam_callerid: unable to determine source job"
-    assert policy.MSG_ADOPT_FAILURE == "Access denied by pam_callerid: adoption failure"
+    assert policy.MSG_ADOPT_FAILURE == (
+        "Access denied by pam_callerid: failed to adopt process into cgroup, denying access "
+        "because action_adopt_failure=deny")
 
 
 def test_service_filter():
@@ -116,8 +119,8 @@ def test_callerid_none_is_unknown():
 
 
 def test_newest_rule_ties_to_larger_id():
-    assert policy.newest([J1, J2, J3]).id == 13
-    assert policy.newest([J2, J1]).id == 12
+    assert policy.newest([J1, J2, J3]).job_id == 13
+    assert policy.newest([J2, J1]).job_id == 12
     assert policy.newest([]) is None
     r = d([J3, J1, J2])
     assert (r.path, r.job_id) == ("newest", 13)
@@ -144,7 +147,7 @@ def test_adopt_failure():
     assert any("job gone" in t for _, t in r.logs)
     u = d([J1, J2], args=["action_unknown=user"])
     r = policy.on_adopt_failure(u, parse(["action_adopt_failure=deny"]), "x")
-    assert r.code == "PAM_PERM_DENIED" and "user-level" in r.logs[0][1]
+    assert r.code == "PAM_PERM_DENIED" and "user-level" in r.logs[-1][1]
 
 
 jobs_st = st.lists(st.builds(Job, st.integers(1, 50), st.sampled_from([U, 3000, None]),
@@ -159,15 +162,60 @@ cid_st = st.one_of(st.none(), st.builds(
        st.sampled_from(["0", "1"]))
 def test_invariants(jobs, cid, unknown, skip):
     r = d(jobs, args=["action_unknown=" + unknown, "single_job_skip_rpc=" + skip], cid=cid)
-    mine = [j for j in jobs if j.uid in (None, U)]
+    mine = [j for j in jobs if j.uid == U]
     assert r.code in ("PAM_SUCCESS", "PAM_PERM_DENIED", "PAM_IGNORE")
     if r.job is not None:
         # never a job of another user, never a job that is not on this node
         assert r.job in mine
     if r.path == "caller-ID":
         assert cid.authenticated and cid.status == "found" and cid.uid in (None, U)
-        assert r.job.id == cid.job
+        assert r.job.job_id == cid.job
     if not mine:
         assert r.path == "no-jobs"
     if r.code == "PAM_SUCCESS":
         assert r.target in ("job", "user") or r.path == "allow"
+
+
+def test_exempt_groups_before_jobs_are_listed():
+    r = d(None, args=["allow_groups=wheel,hpcadmin"], groups=("users", "hpcadmin"),
+          jobs_error="would fail")
+    assert (r.path, r.code, r.reason, r.target) == ("exempt", "PAM_IGNORE",
+                                                     "allow_groups=hpcadmin", None)
+    assert d([J1], args=["allow_groups=wheel"], groups=("users",)).path == "single"
+    assert d([J1], groups=("wheel",)).path == "single"          # no allow_groups: nobody exempt
+
+
+@pytest.mark.parametrize("act,code", [("ignore", "PAM_IGNORE"), ("allow", "PAM_SUCCESS"),
+                                      ("deny", "PAM_PERM_DENIED")])
+def test_not_a_compute_node_says_so(act, code):
+    r = d([], args=["action_generic_failure=" + act], compute_node=False, nodename="login1")
+    assert (r.path, r.code) == ("not-a-node", code)
+    assert "no active jobs" not in (r.user_msg or "")
+    if code == "PAM_PERM_DENIED":
+        assert r.user_msg == ("Access denied by pam_callerid: this host (login1) is not a "
+                              "compute node in slurm.conf")
+    else:
+        assert r.user_msg is None
+    assert any("not a compute node" in t for _, t in r.logs)
+    # a job found here after all (e.g. a dynamic node): decided as usual
+    assert d([J1], compute_node=False, nodename="x").path == "single"
+
+
+def test_info_line_per_messages_option():
+    single, newest_ = d([J1]), d([J1, J2])
+    assert policy.info_line(single, parse([])) is None              # silent on success
+    assert policy.info_line(single, parse(["messages=always"])) == single.info
+    newest_ = d([J1, J2], cid=CallerId("unknown"))
+    assert policy.info_line(newest_, parse([])) == (
+        "pam_callerid: adopted into job 12, the newest of your 2 jobs on this node "
+        "(the connection's source is in no job)")
+    assert policy.info_line(newest_, parse(["messages=never"])) is None
+    assert policy.info_line(newest_, parse(["quiet"])) is None
+    allow = d([J1, J2], args=["action_unknown=allow"], cid=CallerId("timeout"))
+    assert "did not answer in time" in policy.info_line(allow, parse([]))
+    user = d([J1, J2], args=["action_unknown=user"], cid=CallerId("cached"))
+    assert "user-level cgroup" in policy.info_line(user, parse([]))
+    failed = policy.on_adopt_failure(single, parse([]), "gone")
+    assert "unconfined" in policy.info_line(failed, parse([]))
+    denied = d([])
+    assert policy.info_line(denied, parse(["messages=always"])) is None
