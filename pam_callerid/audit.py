@@ -1,9 +1,14 @@
 """Audit records of pam_callerid: one JSON object per line, one line per decision.
 
-Writing (in the PAM module, every login): :func:`append` encodes the record itself (importing
-``json`` would pull in ``re`` and cost ~9 ms per login) and appends it with ONE ``write()`` on
-an ``O_APPEND`` descriptor, so concurrent logins never interleave or lose lines. The file is
-created 0640 root; its directory is created 0750 if missing.
+Writing (in the PAM service of ``callerid daemon``): the service hands every record to ONE
+:class:`AuditWriter`, whose thread writes them in the order they were submitted (the decision
+order), each with ONE ``write()`` on an ``O_APPEND`` descriptor, so lines never interleave and
+logins never wait for the disk. The file must live in a root-owned directory that no one else
+can write (default /var/log/callerid/, created 0750); it is opened with
+``O_NOFOLLOW|O_NONBLOCK`` and used only when it is a regular file owned by root. A planted
+symlink, FIFO or device, or a directory another account owns (Debian's /var/log/slurm belongs
+to ``slurm``), is refused with an error in the daemon's log: it can neither hang a login nor
+redirect the trail. Encoding needs no ``json`` import (:func:`encode`).
 
 Reading (``callerid audit`` / ``python -m pam_callerid.audit``)::
 
@@ -14,18 +19,27 @@ Reading (``callerid audit`` / ``python -m pam_callerid.audit``)::
 time, or a relative age such as ``30s``, ``15m``, ``2h``, ``1d``.
 
 Record fields: time (ISO UTC), ts (Unix), phase (account | session), node, service, user,
-uid, pid, rhost, src_ip, src_port, dst_ip, dst_port, jobs (ids considered), callerid (the
-daemon's answer: status, job, uid, node, authenticated, source, detail), path (root |
-no-jobs | single | caller-ID | newest | allow | deny | user | failure | unknown-user), job
-(chosen), target (job | user), adopted_pid, result (PAM code), reason, latency_ms.
+uid, pid (the peer: the client process in sshd), rhost, src_ip, src_port, dst_ip, dst_port,
+jobs (ids considered), callerid (the daemon's answer: status, job, uid, node, authenticated,
+source, detail), path (root | exempt | no-jobs | not-a-node | single | caller-ID | newest |
+allow | deny | user | failure | unknown-user | malformed), job (chosen), target (job | user),
+reused (the decision of this login's account phase, not asked again), adopted_pid, how
+(stepd | cgroup), how_reason (why not the stepd), result (PAM code), reason, ms (stages),
+latency_ms (from the request's arrival to the reply).
 """
+import errno
 import os
+import stat
 
 from .options import DEFAULT_AUDIT
 
-__all__ = ["append", "encode", "read", "matches", "main"]
+__all__ = ["AuditWriter", "AuditError", "append", "encode", "read", "matches", "main"]
 
 MAX_LINE = 16384
+
+
+class AuditError(OSError):
+    """The audit file cannot be written safely; the text says why."""
 
 
 def _enc(v):
@@ -55,25 +69,132 @@ def encode(rec):
     return _enc(rec) + "\n"
 
 
-def append(path, rec):
-    """Append ``rec`` atomically (a single write on an O_APPEND descriptor)."""
+def _line(rec):
     data = encode(rec).encode("ascii")
     if len(data) > MAX_LINE:
         slim = {k: rec.get(k) for k in ("time", "ts", "phase", "node", "service", "user", "uid",
                                         "pid", "path", "job", "result", "reason", "latency_ms")}
         slim["truncated"] = True
         data = encode(slim).encode("ascii")
-    d = os.path.dirname(path)
-    if d and not os.path.isdir(d):
+    return data
+
+
+def _check_dir(d):
+    """The audit directory: created 0750 if missing; must be a real directory owned by root
+    and writable by no one else."""
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
         os.makedirs(d, mode=0o750, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o640)
+        st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode):
+        raise AuditError("%s is not a directory (a symlink?)" % d)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise AuditError("directory %s is owned by uid %d with mode %o: another account could "
+                         "plant a FIFO or replace the trail there; use a root-owned directory "
+                         "writable only by root, such as /var/log/callerid"
+                         % (d, st.st_uid, stat.S_IMODE(st.st_mode)))
+
+
+def _open(path):
+    """An O_APPEND descriptor of the regular root-owned file ``path`` (never blocks, never
+    follows a symlink)."""
+    _check_dir(os.path.dirname(path) or "/")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW |
+                     os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY, 0o640)
+    except OSError as e:
+        raise AuditError("cannot open %s: %s%s" % (
+            path, e.strerror, " (a symlink there?)" if e.errno == errno.ELOOP else
+            " (a FIFO without a reader there?)" if e.errno == errno.ENXIO else "")) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
+        os.close(fd)
+        raise AuditError("%s is not a regular file owned by root (mode %o, uid %d): refused"
+                         % (path, st.st_mode, st.st_uid))
+    return fd
+
+
+def append(path, rec):
+    """Append ``rec`` to ``path`` now, with one write (AuditError / OSError on failure).
+    The service goes through :class:`AuditWriter`; this is its unit of work."""
+    data = _line(rec)
+    fd = _open(path)
     try:
         n = os.write(fd, data)
         if n != len(data):
-            raise OSError("short write to %s (%d of %d bytes)" % (path, n, len(data)))
+            raise AuditError("short write to %s (%d of %d bytes)" % (path, n, len(data)))
     finally:
         os.close(fd)
+
+
+class AuditWriter:
+    """The one writer of audit records: ``submit(path, record)`` never blocks (a full queue
+    drops the record and says so in the log); a thread writes in submission order.
+
+    ``log(level, text)`` receives the errors, at most one line per path and error per
+    ``quiet_for`` seconds (a broken path must not flood the log at every login)."""
+
+    def __init__(self, log, max_queue=10000, quiet_for=60.0):
+        import queue
+        import threading
+        self._q = queue.Queue(max_queue)
+        self._log = log
+        self._quiet_for = quiet_for
+        self._said = {}
+        self.written = self.dropped = self.failed = 0
+        self._t = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._t.start()
+
+    def submit(self, path, rec):
+        if not path or path.lower() == "none":
+            return
+        import queue
+        try:
+            self._q.put_nowait((path, rec))
+        except queue.Full:
+            self.dropped += 1
+            self._say(path, "queue full", "audit queue full: record dropped (%d so far)"
+                      % self.dropped)
+
+    def flush(self, timeout=5.0):
+        """Wait until every record submitted so far is written (tests, shutdown)."""
+        import threading
+        done = threading.Event()
+        self._q.put((None, done))
+        return done.wait(timeout)
+
+    def close(self, timeout=5.0):
+        self.flush(timeout)
+        self._q.put(None)
+        self._t.join(timeout)
+
+    def _say(self, path, key, text):
+        import time
+        now = time.monotonic()
+        if now - self._said.get((path, key), -1e9) >= self._quiet_for:
+            self._said[(path, key)] = now
+            self._log("error", "audit %s: %s" % (path, text))
+
+    def _run(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            path, rec = item
+            if path is None:
+                rec.set()
+                continue
+            try:
+                append(path, rec)
+                self.written += 1
+            except OSError as e:
+                self.failed += 1
+                self._say(path, type(e).__name__ + str(getattr(e, "errno", "")),
+                          "record not written: %s" % e)
+            except Exception as e:                    # never let the writer die
+                self.failed += 1
+                self._say(path, "bug", "record not written: %s: %s" % (type(e).__name__, e))
 
 
 # ------------------------------------------------------------------------------ reading

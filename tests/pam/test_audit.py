@@ -1,4 +1,5 @@
-"""pam_callerid.audit: encoding (no json import at login), atomic append, the reader CLI."""
+"""pam_callerid.audit: encoding, the one hardened writer (order, no interleaving, planted
+FIFO/symlink/foreign directory refused without blocking), the reader CLI."""
 import json
 import os
 import threading
@@ -7,6 +8,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from pam_callerid import audit
+
+pytestmark = pytest.mark.root       # the writer accepts only root-owned directories and files
 
 REC = {"time": "2026-11-21T10:00:00.000Z", "ts": 1795255200.0, "phase": "account",
        "node": "node2", "service": "sshd", "user": "alice", "uid": 2001, "pid": 77,
@@ -42,28 +45,45 @@ def test_append_and_read(tmp_path):
     assert [r["user"] for r in recs] == ["alice", "bob"]
 
 
-def test_append_is_single_write_under_concurrency(tmp_path):
+class Logs(list):
+    def __call__(self, level, text):
+        self.append((level, text))
+
+
+@pytest.fixture
+def writer():
+    log = Logs()
+    w = audit.AuditWriter(log, quiet_for=3600)
+    w.log = log
+    yield w
+    w.close()
+
+
+def test_writer_keeps_submission_order_and_never_interleaves(tmp_path, writer):
     p = str(tmp_path / "a.jsonl")
     big = dict(REC, pad="x" * 3000)
 
-    def w():
-        for _ in range(200):
-            audit.append(p, big)
-    ts = [threading.Thread(target=w) for _ in range(6)]
+    def submit(t):
+        for i in range(200):
+            writer.submit(p, dict(big, seq=(t, i)))
+    ts = [threading.Thread(target=submit, args=(t,)) for t in range(6)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
+    assert writer.flush()
     with open(p) as f:
-        lines = f.readlines()
-    assert len(lines) == 1200 and all(json.loads(x)["pad"] == "x" * 3000 for x in lines)
+        recs = [json.loads(x) for x in f]          # an interleaved line would not parse
+    assert len(recs) == 1200 and all(r["pad"] == "x" * 3000 for r in recs)
+    for t in range(6):                              # each thread's records in its order
+        assert [r["seq"][1] for r in recs if r["seq"][0] == t] == list(range(200))
+    assert (writer.written, writer.failed, writer.log) == (1200, 0, [])
 
 
-def test_oversized_record_is_slimmed(tmp_path):
-    p = str(tmp_path / "a.jsonl")
-    audit.append(p, dict(REC, huge="y" * (audit.MAX_LINE + 10)))
-    r = list(audit.read(p))[0]
-    assert r["truncated"] is True and "huge" not in r and r["user"] == "alice"
+def test_writer_none_path_writes_nothing(tmp_path, writer):
+    writer.submit("none", REC)
+    writer.submit("", REC)
+    assert writer.flush() and writer.written == 0
 
 
 def test_append_refuses_symlink(tmp_path):
@@ -71,8 +91,74 @@ def test_append_refuses_symlink(tmp_path):
     target.write_text("")
     link = tmp_path / "link"
     link.symlink_to(target)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="symlink"):
         audit.append(str(link), REC)
+    assert target.read_text() == ""
+
+
+def test_planted_fifo_never_blocks(tmp_path, writer):
+    import time
+    fifo = tmp_path / "a.jsonl"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="FIFO"):         # no reader: ENXIO at once
+        audit.append(str(fifo), REC)
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)   # with a reader: opened, then refused
+    try:
+        with pytest.raises(OSError, match="not a regular file"):
+            audit.append(str(fifo), REC)
+        writer.submit(str(fifo), REC)
+        assert writer.flush(2)
+        assert os.read(rfd, 100) == b""
+    finally:
+        os.close(rfd)
+    assert time.monotonic() - t0 < 1.0
+    assert writer.failed == 1 and "not a regular file" in writer.log[0][1]
+
+
+def test_foreign_or_open_directory_refused(tmp_path, writer):
+    d = tmp_path / "slurm"
+    d.mkdir(mode=0o755)
+    os.chown(d, 64000, 64000)                   # like Debian's /var/log/slurm (slurm:slurm)
+    with pytest.raises(OSError, match="owned by uid 64000"):
+        audit.append(str(d / "a.jsonl"), REC)
+    os.chown(d, 0, 0)
+    os.chmod(d, 0o777)
+    with pytest.raises(OSError, match="mode 777"):
+        audit.append(str(d / "a.jsonl"), REC)
+    os.chmod(d, 0o750)
+    audit.append(str(d / "a.jsonl"), REC)
+    assert not os.path.islink(d / "a.jsonl")
+    # a symlinked directory is refused too
+    (tmp_path / "dirlink").symlink_to(d)
+    with pytest.raises(OSError, match="not a directory"):
+        audit.append(str(tmp_path / "dirlink" / "a.jsonl"), REC)
+
+
+def test_file_not_owned_by_root_refused(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text("")
+    os.chown(p, 64000, 64000)
+    with pytest.raises(OSError, match="owned by root"):
+        audit.append(str(p), REC)
+
+
+def test_writer_errors_are_logged_once_per_quiet_period(tmp_path, writer):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")
+    for _ in range(5):
+        writer.submit(str(link), REC)
+    assert writer.flush()
+    assert writer.failed == 5 and len(writer.log) == 1
+    assert writer.log[0][0] == "error" and str(link) in writer.log[0][1]
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_oversized_record_is_slimmed(tmp_path):
+    p = str(tmp_path / "a.jsonl")
+    audit.append(p, dict(REC, huge="y" * (audit.MAX_LINE + 10)))
+    r = list(audit.read(p))[0]
+    assert r["truncated"] is True and "huge" not in r and r["user"] == "alice"
 
 
 def test_filters():
