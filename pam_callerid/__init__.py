@@ -1,28 +1,29 @@
-"""pam_callerid: the PAM module (C shim + embedded Python) and its policy, audit and demo.
+"""pam_callerid: the PAM module (a thin C client in sshd) and the PAM decision service that
+runs inside ``callerid daemon`` (the sssd_pam / logind pattern: no interpreter in sshd).
 
-Owns: the shim build, option parsing (pam_slurm_adopt-compatible), the account-phase decision,
-session-phase adoption, audit records. Imports: cgroups, daemon (client side only).
+    sshd --PAM--> pam_callerid.so (pam_callerid.c) --unix SOCK_SEQPACKET--> callerid daemon
+                                                     (local protocol v1: wire.py)
 
-Build and install the C client (gcc and libpam's headers only; see build.py)::
+Build and install the module (a C compiler and libpam's headers; see build.py)::
 
-    python3 -m pam_callerid.build --out build/pam --install   # -> the dir holding pam_unix.so
-    # --install-dir DIR installs elsewhere (tests use an absolute path in their PAM files)
+    python -m pam_callerid.build --install        # -> the system's PAM module directory
 
-On nodes, install the Debian package instead (`bash packaging/run deb`, docs/admin-guide.md).
+PAM lines (sshd's stack; the module decides in account and adopts [priv] in session; in
+account only -- pam_slurm_adopt's documented placement -- it still adopts)::
 
-PAM lines (sshd's stack; decide in account, adopt in session)::
+    account  required  pam_callerid.so
+    session  required  pam_callerid.so
 
-    account  required  pam_callerid.so action_adopt_failure=deny action_generic_failure=deny
-    session  required  pam_callerid.so action_adopt_failure=deny
+Module arguments: pam_slurm_adopt's (action_no_jobs, action_unknown, action_adopt_failure,
+action_generic_failure, disable_x11, ignore_root, join_container, log_level, nodename, service,
+single_job_skip_rpc) with the same values and defaults, plus ours (rpc_timeout, port, config,
+audit, messages / quiet, allow_groups, socket, daemon_timeout, action_unknown=user): see
+options.py.
 
-Module arguments (prefix match, case-insensitive, as pam_slurm_adopt; see options.py):
-action_no_jobs=deny|ignore, action_unknown=newest|allow|deny|user,
-action_adopt_failure=allow|deny, action_generic_failure=ignore|allow|deny, disable_x11=0|1,
-ignore_root=0|1, join_container=true|false, log_level=quiet..debug5, nodename=NAME,
-service=NAME|*, single_job_skip_rpc=0|1; ours: rpc_timeout=SECONDS (1.0), port=N,
-config=PATH (/etc/slurm/callerid.conf), audit=PATH|none, quiet, onerror=fail|ignore,
-cgroup_warmup=0|1 (default 1; see pam_callerid/build.py).
-
-Modules: build (the .so), options + policy (pure), hook (I/O edge called by the shim),
-backend (adapters to cgroups/ and daemon/), audit (records + ``callerid audit`` reader).
+Modules: pam_callerid.c + build (the client), wire (the protocol), service (socket, peers,
+workers), login (one login's decision: caches, caller-ID query, adoption, reply), settings
+(callerid.conf, slurm.conf and the layout, cached until a file changes), peer (SO_PEERCRED,
+pidfds, sshd's [priv]), options + policy (pure), audit (the one writer), audit_reader
+(``callerid audit``), logsink (syslog), check (``callerid check``), cli (``callerid``),
+demo (the test bed demo).
 """

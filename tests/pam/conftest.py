@@ -1,13 +1,16 @@
-"""Fixtures for the pam_callerid tests: the built module, temporary PAM services
-(/etc/pam.d/cidtest-*), temporary users (cidt*).
+"""Fixtures for the pam_callerid tests: the built module (the C client), a real PAM service
+(pam_callerid.service, in this process) on its own socket, temporary PAM services
+(/etc/pam.d/cidtest-*), temporary users (cidt*), the synthetic Slurm node of fakes.py.
 
 Everything created here is removed in finalizers; stale leftovers of our own prefixes from an
 interrupted run are removed at session start.
 """
 import glob
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import pytest
@@ -15,6 +18,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pamhelpers import (PAM_DIR, SERVICE_PREFIX, USER_PREFIX, _is_root, _need_root,  # noqa
                         build_module)
+
 
 @pytest.fixture(scope="session")
 def built_so(tmp_path_factory):
@@ -75,3 +79,48 @@ def cid_user():
     subprocess.run(["userdel", name], capture_output=True)
 
 
+class Syslog(list):
+    """Stands for the service's syslog sink: keeps (level, text) that pass log_level."""
+
+    def __call__(self, level, text, threshold=3):
+        from pam_callerid.logsink import LEVEL
+        if LEVEL.get(level, 5) <= threshold:
+            self.append((level, text))
+
+    def texts(self):
+        return [t for _, t in self]
+
+
+class RunningService:
+    """A real PAM service on a private socket: ``.socket``, ``.logins``, ``.service``,
+    ``.syslog`` (its decision lines), ``.daemon_log`` (its audit writer's errors)."""
+
+    def __init__(self, workers=8, use_peerpidfd=True, default_config=None, decision_ttl=60.0):
+        from pam_callerid.audit import AuditWriter
+        from pam_callerid.login import Logins
+        from pam_callerid.service import Service
+        from pam_callerid.settings import SettingsCache
+        self.dir = tempfile.mkdtemp(prefix="cdd-pam-")
+        os.chmod(self.dir, 0o755)
+        self.socket = os.path.join(self.dir, "pam.sock")
+        self.syslog = Syslog()
+        self.daemon_log = Syslog()
+        self.logins = Logins(SettingsCache(default_config or "/nonexistent/callerid.conf"),
+                             self.syslog, AuditWriter(self.daemon_log), decision_ttl=decision_ttl)
+        self.service = Service(self.socket, self.logins, workers=workers,
+                               use_peerpidfd=use_peerpidfd).start()
+
+    def flush(self):
+        assert self.logins.audit.flush()
+
+    def stop(self):
+        self.service.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def pam_service():
+    _need_root()
+    s = RunningService()
+    yield s
+    s.stop()

@@ -1,7 +1,9 @@
 """End to end with a real OpenSSH sshd (private instance on 127.0.0.1, its own PAM service via
-the program-name trick) and the synthetic Slurm node of test_slurm.py: the session lands in
-the job's extern step for publickey AND keyboard-interactive logins, SLURM_JOB_ID is set, and a
-user without a job is refused with pam_slurm_adopt's message."""
+the program-name trick), the built C client, a real PAM service and the synthetic Slurm node
+of fakes.py: the session lands in the job's extern step for publickey AND keyboard-interactive
+logins, SLURM_JOB_ID is set, one decision per login (keyboard-interactive asks the caller-ID
+source once), the module in account only still adopts, and a user without a job is refused
+with pam_slurm_adopt's message."""
 import os
 import shutil
 import socket
@@ -11,7 +13,7 @@ import uuid
 
 import pytest
 
-from test_slurm import NODE, FakeSlurm
+from fakes import NODE, FakeDaemon, FakeSlurm
 
 pytestmark = pytest.mark.root
 SSHD = "/usr/sbin/sshd"
@@ -39,17 +41,18 @@ def shell_user():
     subprocess.run(["userdel", name], capture_output=True)
 
 
-@pytest.fixture(params=[False, True], ids=["plain", "mover-before-us"])
-def sshd(request, built_so, services, tmp_path, shell_user):
+def start_sshd(built_so, services, tmp_path, shell_user, pam_service, mover=False,
+               session=True):
     if not os.path.exists(SSHD):
         pytest.skip("needs openssh-server")
     os.chmod(tmp_path, 0o755)
     slurm = FakeSlurm(tmp_path)
+    daemon = FakeDaemon(slurm.key)
     audit = tmp_path / "audit.jsonl"
-    args = "config=%s audit=%s" % (slurm.conf(1), audit)
+    args = "socket=%s config=%s audit=%s" % (pam_service.socket, slurm.conf(daemon.port), audit)
     lines = ["auth required pam_unix.so", "account required pam_unix.so",
              "account required %s service={service} %s" % (built_so, args)]
-    if request.param:
+    if mover:
         # like pam_systemd: a session module before ours moves the session elsewhere
         other = "/sys/fs/cgroup/freezer%s/elsewhere" % slurm.root
         slurm._mk(other)
@@ -57,7 +60,8 @@ def sshd(request, built_so, services, tmp_path, shell_user):
         mover.write_text("#!/bin/sh\necho $PPID > %s/cgroup.procs\n" % other)
         os.chmod(mover, 0o755)
         lines.append("session required pam_exec.so %s" % mover)
-    lines.append("session required %s service={service} %s" % (built_so, args))
+    if session:
+        lines.append("session required %s service={service} %s" % (built_so, args))
     svc = services.make(lines)
     prog = tmp_path / svc                       # sshd uses its program name as PAM service
     prog.symlink_to(SSHD)
@@ -93,7 +97,8 @@ def sshd(request, built_so, services, tmp_path, shell_user):
         except OSError:
             time.sleep(0.05)
     yield {"port": port, "ukey": ukey, "slurm": slurm, "audit": audit, "user": shell_user,
-           "tmp": tmp_path}
+           "tmp": tmp_path, "daemon": daemon, "service": pam_service}
+    daemon.close()
     proc.terminate()
     try:
         proc.wait(timeout=10)
@@ -105,6 +110,25 @@ def sshd(request, built_so, services, tmp_path, shell_user):
     shutil.rmtree(kdir, ignore_errors=True)
     if made_run:
         shutil.rmtree("/run/sshd", ignore_errors=True)
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "mover-before-us"])
+def sshd(request, built_so, services, tmp_path, shell_user, pam_service):
+    yield from start_sshd(built_so, services, tmp_path, shell_user, pam_service,
+                          mover=request.param)
+
+
+@pytest.fixture
+def sshd_account_only(built_so, services, tmp_path, shell_user, pam_service):
+    """pam_slurm_adopt's documented placement: the module in the account stack only."""
+    yield from start_sshd(built_so, services, tmp_path, shell_user, pam_service,
+                          session=False)
+
+
+def records(s):
+    import json
+    s["service"].flush()
+    return [json.loads(x) for x in open(s["audit"])]
 
 
 def ssh(s, cmd, method="publickey"):
@@ -136,17 +160,44 @@ def test_login_adopted_into_job(sshd, method):
                                                               s["user"][1], job)
     assert want in out, out
     assert "JOB=%d" % job in out
-    assert "pam_callerid: adopted into job %d" % job in err      # account-phase banner
-    import json
-    recs = [json.loads(x) for x in open(s["audit"])]
+    assert "pam_callerid" not in err                              # silent on success
+    recs = records(s)
     acc = [r for r in recs if r["phase"] == "account"][-1]
     ses = [r for r in recs if r["phase"] == "session"][-1]
     assert acc["src_ip"] == "127.0.0.1" and acc["dst_port"] == s["port"]   # sshd's socket
-    assert ses["adopted_pid"] == ses["pid"] and ses["job"] == job
+    assert ses["adopted_pid"] == ses["pid"] and ses["job"] == job and ses["reused"] is True
     if method == "publickey":      # account and session in the same [priv] process
-        assert ses["stashed_from_pid"] == acc["pid"] == ses["pid"]
-    else:                          # account ran in the forked [pam] child: decided again
-        assert ses.get("redecided") is True and acc["pid"] != ses["pid"]
+        assert acc["pid"] == ses["pid"] and acc["adopted"] == "peer"
+    else:                          # account ran in the forked [pam] child: its [priv] parent
+        assert acc["pid"] != ses["pid"]                             # was adopted there
+        assert (acc["adopted"], acc["adopted_pid"]) == ("[priv] parent", ses["pid"])
+
+
+@pytest.mark.parametrize("method", ["publickey", "keyboard-interactive"])
+def test_one_decision_per_login_asks_the_source_once(sshd, method):
+    s = sshd
+    old = s["slurm"].add_job(s["user"][1], 4301)
+    s["slurm"].add_job(s["user"][1], 4302)
+    s["daemon"].mode = ("found", old, s["user"][1])
+    rc, out, err = ssh(s, "cat /proc/self/cgroup", method)
+    assert rc == 0, (out, err)
+    assert "/job_%d/step_extern" % old in out, out
+    assert len(s["daemon"].requests) == 1                  # account asked, session reused
+    acc, ses = [r for r in records(s) if r["phase"] in ("account", "session")][-2:]
+    assert (acc["path"], ses["path"], ses["reused"]) == ("caller-ID", "caller-ID", True)
+
+
+@pytest.mark.parametrize("method", ["publickey", "keyboard-interactive"])
+def test_module_in_account_only_still_adopts(sshd_account_only, method):
+    s = sshd_account_only
+    job = s["slurm"].add_job(s["user"][1], 4401)
+    rc, out, err = ssh(s, "cat /proc/self/cgroup; echo JOB=$SLURM_JOB_ID", method)
+    assert rc == 0, (out, err)
+    assert "/job_%d/step_extern" % job in out, out
+    assert "JOB=%d" % job in out
+    acc = records(s)[-1]
+    assert acc["phase"] == "account" and acc["adopted_pid"]
+    assert acc["adopted"] == ("peer" if method == "publickey" else "[priv] parent")
 
 
 def test_no_job_refused_with_message(sshd):

@@ -1,0 +1,408 @@
+"""One login's decision in the PAM service: request -> facts -> policy -> adoption -> reply.
+
+:meth:`Logins.handle` is called by the service (pam_callerid/service.py) for every request of
+the C client, with the peer process held by a pidfd (pam_callerid/peer.py). It
+
+1. parses the module's arguments (options.py) and settles what needs no files: service
+   filter, unknown user, root, exempt groups (policy.pre_decide);
+2. reuses the decision already made for this login, keyed by (TCP connection, user,
+   service, arguments) for :data:`DECISION_TTL` seconds: a keyboard-interactive login asks
+   its account phase (in sshd's forked ``[pam]`` child) and its session phase (in
+   ``[priv]``) and gets ONE decision, one caller-ID query;
+3. otherwise lists the user's jobs on this node (every time: a job that started a moment ago
+   is seen), asks the caller-ID daemon at the connection's source when several jobs qualify
+   (daemon.client, bounded by ``rpc_timeout``; sources with no daemon are remembered in
+   memory for ``PamNegativeCacheTTL`` seconds, and only when ``Answer.cacheable`` says so),
+   and runs policy.decide;
+4. adopts the process that will hold the session (the peer, or in the account phase its
+   ``[priv]`` parent when the peer is the ``[pam]`` child) with ``cgroups.adopt`` -- the
+   pidfd is checked before and after, so a pid that was recycled is never adopted -- and
+   prepares the environment (SLURM_JOB_ID, X11) and the job's mount namespace fd;
+5. builds the reply (wire.Reply), logs to syslog (logsink) and hands one audit record to the
+   one audit writer.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import replace
+
+from . import policy
+from .options import parse
+from .peer import PeerError, session_holder
+from .wire import Reply
+
+DECISION_TTL = 60.0
+
+_RC = {"PAM_SUCCESS": "success", "PAM_IGNORE": "ignore", "PAM_PERM_DENIED": "perm_denied",
+       "PAM_SESSION_ERR": "session_err", "PAM_SYSTEM_ERR": "system_err",
+       "PAM_AUTH_ERR": "auth_err"}
+_GENERIC = {"ignore": "PAM_IGNORE", "allow": "PAM_SUCCESS", "deny": "PAM_PERM_DENIED"}
+_STATUS = {"found": "found", "unknown": "unknown", "refused": "refused", "error": "error",
+           "busy": "busy", "unreachable": "unreachable", "invalid": "error",
+           "local-error": "error"}
+
+
+def wire_rc(code, phase):
+    """The protocol's rc for a PAM code name; a denial in the session phase is the session
+    error open_session may return."""
+    if phase == "session" and code == "PAM_PERM_DENIED":
+        return "session_err"
+    return _RC.get(code, "system_err")
+
+
+def generic_failure_reply(args, phase):
+    """The reply when the service itself failed: ``action_generic_failure`` of the module's
+    arguments, as the C client applies it when there is no service at all."""
+    code = _GENERIC[parse(args).action_generic_failure]
+    return Reply(wire_rc(code, phase))
+
+
+class TTLCache:
+    """A small thread-safe map whose entries expire (monotonic clock), bounded in size."""
+
+    def __init__(self, max_entries=4096, clock=time.monotonic):
+        self._d = {}
+        self._max = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            hit = self._d.get(key)
+            if hit is None:
+                return None
+            if hit[0] <= self._clock():
+                del self._d[key]
+                return None
+            return hit[1]
+
+    def put(self, key, value, ttl):
+        now = self._clock()
+        with self._lock:
+            if len(self._d) >= self._max:
+                for k in [k for k, (exp, _) in self._d.items() if exp <= now]:
+                    del self._d[k]
+                while len(self._d) >= self._max:
+                    self._d.pop(next(iter(self._d)))
+            self._d[key] = (now + ttl, value)
+
+    def __len__(self):
+        return len(self._d)
+
+
+def _unmap(ip):
+    """IPv4-mapped IPv6 (``::ffff:a.b.c.d``) as IPv4: the caller-ID daemon is asked in IPv4."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def _ms(t):
+    return round((time.monotonic() - t) * 1000, 3)
+
+
+def _isotime(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+
+
+def user_facts(user, allow_groups):
+    """(uid or None, names of the user's groups -- only looked up when allow_groups= is set)."""
+    import pwd
+    try:
+        pw = pwd.getpwnam(user) if user else None
+    except (KeyError, ValueError):
+        pw = None
+    if pw is None:
+        return None, ()
+    if not allow_groups:
+        return pw.pw_uid, ()
+    import grp
+    names = []
+    for gid in os.getgrouplist(user, pw.pw_gid):
+        try:
+            names.append(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            pass
+    return pw.pw_uid, tuple(names)
+
+
+class Logins:
+    """The decision pipeline with its in-memory caches (see the module docstring).
+
+    settings  SettingsCache        log     callable(level, text, threshold) (syslog)
+    audit     AuditWriter          metrics daemon.metrics.Metrics or None
+    default_config  the daemon's own callerid.conf (used unless the module says config=)
+    """
+
+    def __init__(self, settings, log, audit, metrics=None, decision_ttl=DECISION_TTL,
+                 clock=time.monotonic):
+        self.settings = settings
+        self.log = log
+        self.audit = audit
+        self.metrics = metrics
+        self.decision_ttl = decision_ttl
+        self.decisions = TTLCache(clock=clock)
+        self.negative = TTLCache(clock=clock)
+        self.queries = 0                 # caller-ID queries sent (tests, stats)
+        self._said = set()
+        self._diag = None
+        self._diag_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ the pipeline
+    def handle(self, req, peer, t0):
+        """-> (wire.Reply, namespace fd to attach or None). ``t0``: monotonic time the
+        request arrived."""
+        opts = parse(req.args)
+        self._parse_logs(req.args, opts)
+        rec = self._record(req, peer)
+        uid, groups = user_facts(req.user, opts.allow_groups)
+        rec["uid"] = uid
+        pre = policy.pre_decide(req.service, req.user, uid, opts, groups)
+        if pre is not None:
+            return self._finish(req, opts, pre, rec, t0, fresh=True,
+                                audit=pre.path != policy.SERVICE), None
+        key = (str(req.conn), req.user, req.service, req.args) if req.conn else None
+        hit = self.decisions.get(key) if key else None
+        settings = None
+        if hit is not None:
+            d, facts = hit
+            rec.update(facts, reused=True)
+            settings, _ = self.settings.get(self._config(opts), opts.nodename)
+        else:
+            d, settings, facts = self._decide(req, opts, uid, groups)
+            rec.update(facts)
+            if key and d.path != policy.FAILURE:          # a failure is tried again
+                self.decisions.put(key, (d, facts), self.decision_ttl)
+        d, fd, env = self._adopt(d, opts, settings, req, peer, uid, rec, t0)
+        return self._finish(req, opts, d, rec, t0, fresh=hit is None, env=env, fd=fd), fd
+
+    def _config(self, opts):
+        return opts.config if "config" in opts.given else None
+
+    def _decide(self, req, opts, uid, groups):
+        """(Decision, Settings or None, audit facts)."""
+        facts = {"ms": {}}
+        t = time.monotonic()
+        settings, err = self.settings.get(self._config(opts), opts.nodename)
+        facts["ms"]["settings"] = _ms(t)
+        jobs = None
+        if settings is not None:
+            facts["node"] = settings.layout.nodename
+            t = time.monotonic()
+            jobs, err = self._jobs(settings, uid, opts)
+            facts["ms"]["jobs"] = _ms(t)
+        facts["jobs"] = None if jobs is None else [j.job_id for j in jobs]
+        cid = None
+        if jobs is not None and policy.needs_rpc(jobs, opts):
+            t = time.monotonic()
+            cid = self._ask(settings, opts, req.conn)
+            facts["ms"]["callerid"] = _ms(t)
+            facts["callerid"] = {k: getattr(cid, k) for k in cid.__slots__
+                                 if getattr(cid, k) is not None}
+        compute_node = True
+        if jobs == []:
+            compute_node = self._compute_node(settings, opts)
+        d = policy.decide(req.service, req.user, uid, jobs, opts, callerid=cid, jobs_error=err,
+                          groups=groups, compute_node=compute_node,
+                          nodename=facts.get("node"))
+        return d, settings, facts
+
+    def _jobs(self, settings, uid, opts):
+        import cgroups
+        try:
+            found = cgroups.user_jobs(settings.layout, uid)
+        except Exception as e:          # CgroupError, OSError: an admin-readable error
+            return None, "%s: %s" % (type(e).__name__, e)
+        for p in getattr(found, "problems", ()):
+            self.log("verbose", p, opts.log_level)
+        return list(found), None
+
+    def _compute_node(self, settings, opts):
+        try:
+            return settings.compute_node()
+        except Exception as e:
+            self.log("error", "cannot tell whether this host is a compute node: %s" % e,
+                     opts.log_level)
+            return True
+
+    # ------------------------------------------------------------------ caller-ID
+    def _ask(self, settings, opts, conn):
+        """Ask the caller-ID daemon at the connection's source; a policy.CallerId."""
+        if conn is None:
+            return policy.CallerId("no-connection",
+                                   detail="no TCP connection for this login")
+        src_ip, dst_ip = _unmap(conn.src_ip), _unmap(conn.dst_ip)
+        src = "%s:%d" % (src_ip, conn.src_port)
+        cfg = settings.cfg
+        port = opts.port or cfg.port
+        key = (src_ip, port)
+        if self.negative.get(key):
+            return policy.CallerId("cached", source=src,
+                                   detail="no caller-ID daemon at %s port %d (cached)"
+                                          % (src_ip, port))
+        from daemon import client
+        try:
+            auth = settings.auth()
+        except Exception as e:
+            return policy.CallerId("error", source=src, detail="caller-ID set-up failed: %s: %s"
+                                   % (type(e).__name__, e))
+        t = time.monotonic()
+        self.queries += 1
+        a = client.query(src_ip, port, (src_ip, conn.src_port), (dst_ip, conn.dst_port),
+                         auth=auth, timeout=opts.rpc_timeout, trusted_uids=cfg.reply_uids())
+        if self.metrics is not None:
+            self.metrics.callerid_query(a.outcome, time.monotonic() - t)
+        if a.cacheable and cfg.pam_negative_cache_ttl > 0:
+            self.negative.put(key, True, cfg.pam_negative_cache_ttl)
+        status = _STATUS.get(a.outcome, "error")
+        detail = a.detail or None
+        if a.outcome == "invalid":
+            detail = "reply rejected: %s" % a.detail
+        elif status == "unreachable" and not a.cacheable and "timeout" in (a.detail or ""):
+            status = "timeout"            # connected, but no reply in time
+        # daemon.client says "found" only for a reply whose signature and nonce verified
+        return policy.CallerId(status, job=a.job_id, uid=a.job_uid, node=a.node,
+                               authenticated=a.outcome == "found", source=src, detail=detail)
+
+    # ------------------------------------------------------------------ adoption
+    def _conn_inode(self, conn):
+        """Inode of this node's end of the TCP connection (sock_diag), or None."""
+        if conn is None:
+            return None
+        import ipaddress
+        with self._diag_lock:
+            try:
+                if self._diag is None:
+                    from daemon.lookup import SockDiag
+                    self._diag = SockDiag()
+                info = self._diag.find(6, ipaddress.ip_address(conn.dst_ip), conn.dst_port,
+                                       ipaddress.ip_address(conn.src_ip), conn.src_port)
+            except (OSError, ValueError):
+                return None
+        return None if info is None else info.inode
+
+    def _adopt(self, d, opts, settings, req, peer, uid, rec, t0):
+        """(Decision after adoption, namespace fd or None, env items)."""
+        if d.code != "PAM_SUCCESS" or d.target is None:
+            return d, None, ()
+        if settings is None:
+            return policy.on_adopt_failure(d, opts, "no Slurm layout"), None, ()
+        if time.monotonic() - t0 > opts.daemon_timeout:
+            rec["late"] = True             # the client gave up and applied its own failure
+            return policy.on_adopt_failure(d, opts, "the client stopped waiting"), None, ()
+        t = time.monotonic()
+        target = session_holder(peer, self._conn_inode(req.conn)) \
+            if req.phase == "account" else peer
+        try:
+            d = self._move(d, opts, settings.layout, target, uid, rec)
+        finally:
+            if target is not peer:
+                target.close()
+        rec.setdefault("ms", {})["adopt"] = _ms(t)
+        if d.code != "PAM_SUCCESS" or d.target != "job" or d.reason == "adopt-failure-allow":
+            return d, None, ()
+        env = ["SLURM_JOB_ID=%d" % d.job_id]
+        if not opts.disable_x11:
+            env += self._x11(settings.layout, d.job, opts)
+        fd = None
+        if opts.join_container and target is peer:
+            d, fd = self._namespace(d, opts, settings.layout, peer, rec)
+        return d, fd, tuple(env)
+
+    def _move(self, d, opts, layout, target, uid, rec):
+        import cgroups
+        what = "job %d" % d.job_id if d.target == "job" else "the user-level cgroup"
+        try:
+            if not target.alive():
+                raise PeerError("process %d exited before its adoption" % target.pid)
+            if d.target == "job":
+                result = cgroups.adopt(layout, target.pid, d.job)
+                rec["how"] = getattr(result, "how", "cgroup")
+                rec["how_reason"] = getattr(result, "reason", None)
+            else:
+                cgroups.adopt_user(layout, target.pid, uid)
+                rec["how"] = "cgroup"
+            if not target.alive():
+                raise PeerError("security: process %d exited during its adoption: its pid may "
+                                "have been reused by another process" % target.pid)
+        except (cgroups.CgroupError, PeerError, OSError) as e:
+            rec["adopted_pid"] = None
+            return policy.on_adopt_failure(d, opts, str(e))
+        rec["adopted_pid"], rec["adopted"] = target.pid, target.how
+        if self.metrics is not None:
+            self.metrics.adoption(rec["how"], rec.get("how_reason"))
+        how = rec["how"] + (" (%s)" % rec["how_reason"] if rec.get("how_reason") else "")
+        return replace(d, logs=d.logs + (
+            ("info", "Process %d adopted into %s via %s" % (target.pid, what, how)),))
+
+    def _x11(self, layout, job, opts):
+        import cgroups
+        try:
+            x = cgroups.x11_display(layout, job)
+        except Exception as e:
+            self.log("debug", "no X11 display for job %d: %s" % (job.job_id, e), opts.log_level)
+            return []
+        if not x:
+            return []
+        display, xauthority = x
+        env = ["DISPLAY=localhost:%d.0" % display]
+        return env + (["XAUTHORITY=%s" % xauthority] if xauthority else [])
+
+    def _namespace(self, d, opts, layout, peer, rec):
+        """(Decision, fd of the job's mount namespace or None): the client joins it with
+        setns; a failure to get it is an adoption failure (pam_slurm_adopt's rule)."""
+        import cgroups
+        try:
+            fd = cgroups.job_namespace_fd(layout, d.job)
+        except Exception as e:
+            return policy.on_adopt_failure(d, opts, "job container: %s" % e), None
+        if fd is None:
+            return d, None
+        try:
+            if os.fstat(fd).st_ino == os.stat("/proc/%d/ns/mnt" % peer.pid).st_ino:
+                os.close(fd)                  # already there (the account phase joined it)
+                return d, None
+        except OSError:
+            pass
+        rec["setns"] = "mnt"
+        return d, fd
+
+    # ------------------------------------------------------------------ reply, logs, audit
+    def _finish(self, req, opts, d, rec, t0, fresh, audit=True, env=(), fd=None):
+        logs = d.logs if fresh else tuple(x for x in d.logs if x[1].startswith("Process "))
+        for level, text in logs:
+            self.log(level, text, opts.log_level)
+        errors = (d.user_msg,) if d.user_msg and (fresh or d.code != "PAM_SUCCESS") else ()
+        info = policy.info_line(d, opts) if fresh or d.reason == "adopt-failure-allow" else None
+        rc = wire_rc(d.code, req.phase)
+        setns_fail = None
+        if fd is not None and opts.action_adopt_failure == "deny":
+            setns_fail = wire_rc("PAM_PERM_DENIED", req.phase)
+        reply = Reply(rc, errors, (info,) if info else (), env, "mnt" if fd is not None else None,
+                      setns_fail)
+        rec.update(path=d.path, job=d.job_id, target=d.target, result=d.code, reason=d.reason,
+                   latency_ms=_ms(t0))
+        if audit:
+            self.audit.submit(opts.audit, rec)
+        if self.metrics is not None:
+            self.metrics.pam_decision(req.phase, d.path, d.code, time.monotonic() - t0)
+        return reply
+
+    def _record(self, req, peer):
+        t = time.time()
+        rec = {"time": _isotime(t), "ts": round(t, 3), "phase": req.phase,
+               "node": os.uname().nodename.split(".")[0], "service": req.service,
+               "user": req.user, "uid": None, "pid": peer.pid, "rhost": req.rhost,
+               "adopted_pid": None}
+        if req.conn is not None:
+            rec.update(src_ip=_unmap(req.conn.src_ip), src_port=req.conn.src_port,
+                       dst_ip=_unmap(req.conn.dst_ip), dst_port=req.conn.dst_port)
+        return rec
+
+    def _parse_logs(self, args, opts):
+        """Argument problems are logged once per distinct argument list, not per login."""
+        if opts.logs and args not in self._said:
+            if len(self._said) < 256:
+                self._said.add(args)
+            for level, text in opts.logs:
+                self.log(level, text, opts.log_level)
