@@ -44,9 +44,12 @@ def main(argv=None) -> int:
         print(c.exec("login", ["sinfo"]).out)
         audit = None
         if args.module == "pam_callerid":
-            audit = _use_pam_callerid(c)
-            print("== node sshd PAM stack: pam_callerid in account (decide) and session (adopt); "
-                  f"caller-ID daemon on {', '.join(c.nodes)}, none on the login node\n")
+            from testbed.adopters import use_pam_callerid
+            audit = use_pam_callerid(c, auth="hmac", daemon_hosts=c.nodes, rpc_timeout=0.5,
+                                     action_adopt_failure="deny")
+            print("== node sshd PAM stack: pam_callerid (a thin C client) in account (decide) and "
+                  "session (adopt), asking its node's `callerid daemon`; the daemon runs on "
+                  f"{', '.join(c.nodes)}, none on the login node\n")
         else:
             c.use_pam_slurm_adopt()
             print(f"== node sshd PAM account stack ends with: {args.module} nodename=<node>\n")
@@ -83,9 +86,9 @@ def main(argv=None) -> int:
         for title, ms, outcome in steps:
             print(f"   {title:62s} {ms:>7s}  {outcome}")
         if audit is not None:
-            from pam_callerid import audit as A
+            from pam_callerid import audit_reader as A
             print(f"\n== audit records ({audit}; `callerid audit` reads them)")
-            print(A.format_table(list(A.read(str(audit)))))
+            print(A.format_table(list(A.read_all(str(audit)))))
         c.cancel_all()
     finally:
         print("\n== tearing down ...", flush=True)
@@ -93,35 +96,6 @@ def main(argv=None) -> int:
         left = c.leftovers()
         print("   machine clean" if not left else f"   LEFT BEHIND: {left}")
     return 0
-
-
-def _use_pam_callerid(c, port=6820):
-    """Build pam_callerid into the test bed's state dir, write an HMAC key and a shared
-    callerid.conf, start the caller-ID daemon on every compute node (not on the login node),
-    and put the module in every node's sshd account + session stacks. Returns the audit path."""
-    import os
-    from daemon.auth import write_key
-    from pam_callerid.build import build
-    work = c.state / "callerid"
-    work.mkdir(mode=0o755, exist_ok=True)
-    so = build(sys.prefix, str(work), str(ROOT))
-    key = work / "callerid.key"
-    if not key.exists():
-        write_key(str(key))
-    conf = work / "callerid.conf"
-    conf.write_text(f"AuthType=hmac\nKeyFile={key}\nPort={port}\nPamNegativeCacheTTL=60\n")
-    audit = work / "audit.jsonl"
-    if audit.exists():
-        audit.unlink()
-    args = f"nodename=@NODE@ config={conf} audit={audit} rpc_timeout=0.5 action_adopt_failure=deny"
-    c.set_pam_all([f"account required {so} {args}"], [f"session required {so} {args}"])
-    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 0.5).close()"
-    for n in c.nodes:
-        c.start_daemon(n, "callerid", [sys.executable, "-m", "daemon.cli", "daemon", "--config", str(conf)],
-                       env={"PYTHONPATH": str(ROOT)},
-                       wait_for=lambda n=n: c.exec(n, [sys.executable, "-c", probe]).ok)
-    os.chmod(work, 0o755)
-    return audit
 
 
 if __name__ == "__main__":

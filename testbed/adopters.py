@@ -33,9 +33,12 @@ PAM_SLURM_ADOPT = Adopter("pam_slurm_adopt", "pam_slurm_adopt", _pam_slurm_adopt
 def use_pam_callerid(cluster, *, port: int = 6820, auth: str = "munge", daemon_hosts=None,
                      extra_conf: str = "", **options) -> Path:
     """Put our module into every node sshd's account (decide) and session (adopt) stacks and
-    start the caller-ID daemon on `daemon_hosts` (default: every node and the login node).
-    The module is built from this checkout into the test bed's state dir, against the venv
-    running the tests. Returns the audit file's path."""
+    start `callerid daemon` -- the caller-ID server and the PAM decision service the module
+    asks -- on `daemon_hosts` (default: every node and the login node; a node without one
+    gets action_generic_failure). The C client is built from this checkout into the test
+    bed's state dir; the daemon runs this checkout's Python. Each host has its own /run, so
+    every daemon serves the default /run/callerid/pam.sock. Returns the audit file's path
+    (every node's daemon appends to it)."""
     import sys
     root = Path(__file__).resolve().parents[1]
     work = cluster.state / "callerid"
@@ -43,7 +46,7 @@ def use_pam_callerid(cluster, *, port: int = 6820, auth: str = "munge", daemon_h
     so = work / "pam_callerid.so"
     if not so.exists():
         from pam_callerid.build import build
-        build(sys.prefix, str(work), str(root))
+        build(str(work))
     conf = work / "callerid.conf"
     lines = [f"Port={port}", f"AuthType={auth}", "LogLevel=debug"]
     if auth == "munge":
@@ -57,14 +60,16 @@ def use_pam_callerid(cluster, *, port: int = 6820, auth: str = "munge", daemon_h
     conf.write_text("\n".join(lines) + "\n" + extra_conf)
     audit = work / "audit.jsonl"
     audit.unlink(missing_ok=True)
-    opts = {"nodename": "@NODE@", "config": str(conf), "audit": str(audit), **options}
+    opts = {"nodename": "@NODE@", "audit": str(audit), **options}
     args = " ".join(f"{k}={v}" if v is not True else k for k, v in opts.items())
     cluster.set_pam_all([f"account required {so} {args}"], [f"session required {so} {args}"])
-    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 0.5).close()"
+    probe = (f"import os, socket; socket.create_connection(('127.0.0.1', {port}), 0.5).close(); "
+             f"assert os.path.exists('/run/callerid/pam.sock')")
     for h in (cluster.nodes + ["login"]) if daemon_hosts is None else daemon_hosts:
         if "callerid" in cluster.hosts[h].daemons:
             continue
-        cluster.start_daemon(h, "callerid", [sys.executable, "-m", "daemon.cli", "--config", str(conf), "daemon"],
+        cluster.start_daemon(h, "callerid", [sys.executable, "-m", "pam_callerid.cli", "--config",
+                                             str(conf), "daemon"],
                              env={"PYTHONPATH": str(root)},
                              wait_for=lambda h=h: cluster.exec(h, [sys.executable, "-c", probe]).ok)
     return audit
