@@ -513,12 +513,11 @@ struct failure {
     int err;                      /* errno, or 0 */
 };
 
-static const char *fail(struct failure *f, const char *what, const char *detail, int err)
+static void fail(struct failure *f, const char *what, const char *detail, int err)
 {
     f->what = what;
     f->detail = detail;
     f->err = err;
-    return what;
 }
 
 static void close_fds(int *fds, int n)
@@ -529,72 +528,82 @@ static void close_fds(int *fds, int n)
         close(fds[i]);
 }
 
-/* Connect, check the server is root, send `req`, receive the reply into `rep` (at most
-   MAX_MSG bytes; `rep` has room for one more to see an oversized one) and the fds attached
-   to it.  Returns NULL, or what failed (every fd closed then). */
-static const char *exchange(const struct opts *o, const struct msg *req, char *rep,
-                            size_t *replen, int *fds, int *nfds, struct failure *f)
+/* A connection to the daemon whose listener is root, or -1. */
+static int open_conn(const struct opts *o, struct failure *f)
+{
+    struct sockaddr_un sa;
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    int fd, r;
+
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, o->socket, strlen(o->socket));     /* length checked by parse_opts */
+    fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        fail(f, "cannot create a socket", NULL, errno);
+        return -1;
+    }
+    /* a non-blocking connect on a unix socket never waits: EAGAIN means the backlog is full */
+    while ((r = connect(fd, (struct sockaddr *)&sa, sizeof sa)) != 0 && errno == EINTR)
+        ;
+    if (r != 0 && errno == EAGAIN) {
+        fail(f, "cannot connect: the daemon's backlog is full", NULL, 0);
+    } else if (r != 0) {
+        fail(f, "cannot connect", NULL, errno);
+    } else if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+        fail(f, "cannot read the server's credentials", NULL, errno);
+    } else if (cred.uid != 0) {
+        fail(f, "refused: the server is not root", NULL, 0);
+    } else {
+        return fd;
+    }
+    close(fd);
+    return -1;
+}
+
+/* Send the request as one message before the deadline: 0, or -1. */
+static int send_request(int fd, const struct msg *req, long long deadline, struct failure *f)
+{
+    ssize_t n;
+    int r;
+
+    for (;;) {
+        n = send(fd, req->p, req->len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n == (ssize_t)req->len)
+            return 0;
+        if (n >= 0 || (errno != EAGAIN && errno != EINTR)) {
+            fail(f, "cannot send the request", NULL, n >= 0 ? EMSGSIZE : errno);
+            return -1;
+        }
+        if ((r = wait_fd(fd, POLLOUT, deadline)) <= 0) {
+            fail(f, "the daemon did not take the request in time", NULL,
+                 r < 0 ? errno : 0);
+            return -1;
+        }
+    }
+}
+
+/* Receive one message before the deadline into `rep` (room for MAX_MSG + 1 bytes: one more
+   than allowed shows an oversized reply) and the fds attached to it.  Returns 0, or -1 with
+   every received fd closed. */
+static int recv_reply(int fd, char *rep, size_t *replen, int *fds, int *nfds,
+                      long long deadline, struct failure *f)
 {
     union {
         struct cmsghdr h;
         char buf[CMSG_SPACE(MAX_FDS * sizeof(int))];
     } ctl;
-    long long deadline = now_ns() + o->timeout_ms * 1000000LL;
-    struct sockaddr_un sa;
-    struct ucred cred;
     struct cmsghdr *c;
     struct msghdr mh;
     struct iovec iov;
-    socklen_t len;
     ssize_t n;
-    int fd, r;
+    int r, k;
 
-    *nfds = 0;
-    memset(&sa, 0, sizeof sa);
-    sa.sun_family = AF_UNIX;
-    memcpy(sa.sun_path, o->socket, strlen(o->socket));     /* length checked by parse_opts */
-    fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0)
-        return fail(f, "cannot create a socket", NULL, errno);
-    /* a non-blocking connect on a unix socket never waits: EAGAIN means the backlog is full */
-    while ((r = connect(fd, (struct sockaddr *)&sa, sizeof sa)) != 0 && errno == EINTR)
-        ;
-    if (r != 0) {
-        int e = errno;
-        close(fd);
-        return e == EAGAIN ? fail(f, "cannot connect: the daemon's backlog is full", NULL, 0)
-                           : fail(f, "cannot connect", NULL, e);
-    }
-    len = sizeof cred;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
-        int e = errno;
-        close(fd);
-        return fail(f, "cannot read the server's credentials", NULL, e);
-    }
-    if (cred.uid != 0) {
-        close(fd);
-        return fail(f, "refused: the server is not root", NULL, 0);
-    }
-    for (;;) {
-        n = send(fd, req->p, req->len, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n == (ssize_t)req->len)
-            break;
-        if (n >= 0 || (errno != EAGAIN && errno != EINTR)) {
-            int e = n >= 0 ? EMSGSIZE : errno;
-            close(fd);
-            return fail(f, "cannot send the request", NULL, e);
-        }
-        if ((r = wait_fd(fd, POLLOUT, deadline)) <= 0) {
-            int e = r < 0 ? errno : 0;
-            close(fd);
-            return fail(f, "the daemon did not take the request in time", NULL, e);
-        }
-    }
     for (;;) {
         if ((r = wait_fd(fd, POLLIN, deadline)) <= 0) {
-            int e = r < 0 ? errno : 0;
-            close(fd);
-            return fail(f, "no reply in time", NULL, e);
+            fail(f, "no reply in time", NULL, r < 0 ? errno : 0);
+            return -1;
         }
         iov.iov_base = rep;
         iov.iov_len = MAX_MSG + 1;
@@ -604,38 +613,53 @@ static const char *exchange(const struct opts *o, const struct msg *req, char *r
         mh.msg_control = ctl.buf;
         mh.msg_controllen = sizeof ctl.buf;
         n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-        if (n >= 0 || (errno != EAGAIN && errno != EINTR))
+        if (n >= 0)
             break;
-    }
-    if (n < 0) {
-        int e = errno;
-        close(fd);
-        return fail(f, "cannot receive the reply", NULL, e);
-    }
-    close(fd);
-    for (c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            if (k > MAX_FDS - *nfds)        /* cannot happen with this control buffer */
-                k = MAX_FDS - *nfds;
-            memcpy(fds + *nfds, CMSG_DATA(c), (size_t)k * sizeof(int));
-            *nfds += k;
+        if (errno != EAGAIN && errno != EINTR) {
+            fail(f, "cannot receive the reply", NULL, errno);
+            return -1;
         }
     }
+    for (c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        if (k > MAX_FDS - *nfds)            /* cannot happen with this control buffer */
+            k = MAX_FDS - *nfds;
+        memcpy(fds + *nfds, CMSG_DATA(c), (size_t)k * sizeof(int));
+        *nfds += k;
+    }
     if (n == 0) {
-        close_fds(fds, *nfds);
-        return fail(f, "the daemon closed the connection without a reply", NULL, 0);
+        fail(f, "the daemon closed the connection without a reply", NULL, 0);
+    } else if ((mh.msg_flags & MSG_TRUNC) || n > MAX_MSG) {
+        fail(f, "malformed reply", "longer than 16384 bytes", 0);
+    } else if (mh.msg_flags & MSG_CTRUNC) {
+        fail(f, "malformed reply", "too many fds attached", 0);
+    } else {
+        *replen = (size_t)n;
+        return 0;
     }
-    if ((mh.msg_flags & MSG_TRUNC) || n > MAX_MSG) {
-        close_fds(fds, *nfds);
-        return fail(f, "malformed reply", "longer than 16384 bytes", 0);
-    }
-    if (mh.msg_flags & MSG_CTRUNC) {
-        close_fds(fds, *nfds);
-        return fail(f, "malformed reply", "too many fds attached", 0);
-    }
-    *replen = (size_t)n;
-    return NULL;
+    close_fds(fds, *nfds);
+    *nfds = 0;
+    return -1;
+}
+
+/* The whole exchange under one deadline: 0 with the reply and its fds, or -1. */
+static int exchange(const struct opts *o, const struct msg *req, char *rep, size_t *replen,
+                    int *fds, int *nfds, struct failure *f)
+{
+    long long deadline = now_ns() + o->timeout_ms * 1000000LL;
+    int fd, r;
+
+    *nfds = 0;
+    fd = open_conn(o, f);
+    if (fd < 0)
+        return -1;
+    r = send_request(fd, req, deadline, f);
+    if (r == 0)
+        r = recv_reply(fd, rep, replen, fds, nfds, deadline, f);
+    close(fd);
+    return r;
 }
 
 /* ---------------------------------------------------------------- the reply */
@@ -697,6 +721,8 @@ static const char *parse_reply(char *msg, size_t len, int nfds, struct reply *r)
     r->rc = -1;
     r->setns = 0;
     r->setns_fail = -1;
+    if (len == 0)
+        return "empty";
     if (memchr(msg, '\0', len))
         return "a NUL byte";
     if (msg[len - 1] != '\n')

@@ -317,6 +317,15 @@ def test_argument_with_newline_or_bad_utf8_is_dropped(so, driver, services, sock
         "arg=service=*", "arg=socket=%s" % d.path, "arg=x=1"]
 
 
+def test_request_too_long_is_a_generic_failure(so, driver, services, sockdir, cid_user):
+    with ForgedDaemon(sockdir, [OK]) as d:
+        svc = services.make(["account required pam_permit.so"])
+        args = ["service=*", "socket=" + d.path, "action_generic_failure=deny",
+                "x=" + "y" * MAX_MSG]
+        assert driver(so, svc, cid_user[0], args)[0] == 6          # PAM_PERM_DENIED
+        assert d.records() == []
+
+
 def test_signals_do_not_stretch_or_break_the_deadline(so, driver, services, sockdir,
                                                       cid_user):
     """poll() interrupted every millisecond (EINTR): the wait still ends at the one
