@@ -37,7 +37,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 64
-DEFAULT_AUDIT_DIR = "/var/log/slurm-callerid"
 
 
 class Result:
@@ -121,14 +120,25 @@ def check_config(path):
                   f"{cfg.source}: AuthType={cfg.auth_type} Port={cfg.port}{extra}"), cfg
 
 
+SBIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin"
+
+
 def slurm_version() -> str | None:
+    """From ``slurmd -V`` (or scontrol/sinfo on a login node), looked up in $PATH and the
+    system's sbin/bin directories."""
+    import shutil
+    path = os.environ.get("PATH", "") + ":" + SBIN_PATH
     for argv in (["slurmd", "-V"], ["scontrol", "-V"], ["sinfo", "-V"]):
+        exe = shutil.which(argv[0], path=path)
+        if exe is None:
+            continue
         try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout
+            out = subprocess.run([exe] + argv[1:], capture_output=True, text=True,
+                                 timeout=5).stdout
         except (OSError, subprocess.SubprocessError):
             continue
         words = out.split()
-        if len(words) >= 2 and words[0].lower() == "slurm":
+        if len(words) >= 2 and words[0].lower().startswith("slurm"):    # Debian: slurm-wlm
             return words[1]
     return None
 
@@ -301,7 +311,10 @@ def check_pam_socket(cfg, timeout):
     return Result("pam-socket", OK, f"{path}: answered rc={rep.rc} in {ms:.1f} ms")
 
 
-def check_audit(audit_dir=DEFAULT_AUDIT_DIR, name="audit.jsonl"):
+def check_audit(audit_dir=None, name=None):
+    from .options import DEFAULT_AUDIT
+    audit_dir = audit_dir or os.path.dirname(DEFAULT_AUDIT)
+    name = name or os.path.basename(DEFAULT_AUDIT)
     why = path_problem(audit_dir, want="dir")
     if why:
         return Result("audit", FAIL, f"{audit_dir}: {why}")
@@ -332,7 +345,7 @@ def check_nodes(cfg, auth, nodes, timeout, workers=32):
 
 # ------------------------------------------------------------------ driver
 def run_checks(config_path=None, *, nodes=None, all_nodes=False, timeout=2.0,
-               audit_dir=DEFAULT_AUDIT_DIR):
+               audit_dir=None):
     """Every check, in order; returns the list of Results."""
     results = []
     res, cfg = check_config(config_path)
@@ -396,7 +409,7 @@ def main(argv=None, config=None) -> int:
     who.add_argument("--all-nodes", action="store_true",
                      help="also ask the daemon of every node in slurm.conf")
     ap.add_argument("--timeout", type=float, default=2.0, help="seconds per question")
-    ap.add_argument("--audit-dir", default=DEFAULT_AUDIT_DIR, help=argparse.SUPPRESS)
+    ap.add_argument("--audit-dir", default=None, help=argparse.SUPPRESS)
     try:
         a = ap.parse_args(argv)
     except SystemExit as e:

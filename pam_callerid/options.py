@@ -43,7 +43,7 @@ __all__ = ["Options", "parse", "LOG_LEVELS", "DEFAULT_PORT", "DEFAULT_CONFIG", "
 
 DEFAULT_PORT = 6820
 DEFAULT_CONFIG = "/etc/slurm/callerid.conf"
-DEFAULT_AUDIT = "/var/log/callerid/audit.jsonl"      # a root-owned directory of its own
+DEFAULT_AUDIT = "/var/log/slurm-callerid/audit.jsonl"      # a root-owned directory of its own
 DEFAULT_SOCKET = "/run/callerid/pam.sock"
 RPC_TIMEOUT_DEFAULT, RPC_TIMEOUT_MIN, RPC_TIMEOUT_MAX = 1.0, 0.05, 10.0
 DAEMON_TIMEOUT_DEFAULT, DAEMON_TIMEOUT_MIN, DAEMON_TIMEOUT_MAX = 2.0, 0.05, 60.0
