@@ -76,13 +76,28 @@ def cmd_daemon(args) -> int:
     lookup = make_lookup(cfg)
     overrides = {k: v for k, v in (("port", args.port), ("log_level", args.log_level))
                  if v is not None}
+    exporter, ready = _metrics(cfg, log)
     try:
-        return asyncio.run(run(cfg, auth, lookup, reload=reloader(args.config, overrides)))
+        return asyncio.run(run(cfg, auth, lookup, reload=reloader(args.config, overrides),
+                               ready=ready))
     except OSError as e:
         _err(str(e))
         return EXIT_LISTEN
     finally:
         lookup.close()
+        if exporter is not None:
+            exporter.stop()
+
+
+def _metrics(cfg, log):
+    """With MetricsFile: the node_exporter textfile exporter (daemon/metrics.py, started
+    now, stopped with the daemon) and the server's ready hook that exports its counters.
+    (MetricsFile/MetricsInterval take effect at start, not on SIGHUP.)"""
+    if not cfg.metrics_file:
+        return None, None
+    from .metrics import METRICS, TextfileExporter
+    exporter = TextfileExporter(METRICS, cfg.metrics_file, cfg.metrics_interval, log).start()
+    return exporter, lambda srv: METRICS.watch_server(srv.snapshot)
 
 
 def cmd_query(args) -> int:
