@@ -1,24 +1,111 @@
-"""I/O edge: move a pid into a job's extern step (or the user-level fallback) and verify it.
+"""Adoption: put a pid into a job's extern step the way Slurm does, or by cgroup writes.
 
-v1: the pid is written to ``cgroup.procs`` of ``.../uid_<U>/job_<J>/step_extern`` in every
-usable mounted controller where that directory exists (never memory unless the layout was
-built with ``allow_memory``). v2: ``.../job_<J>/step_extern/user/task_special`` (created if
-missing, as slurmstepd does on first use; Slurm removes the step directory tree at job end).
-Afterwards /proc/PID/cgroup is read back. Writing a pid that is already there is a no-op for
-the kernel, so adoption is idempotent.
+1. **The stepd way** (pam_slurm_adopt's): REQUEST_ADD_EXTERN_PID to the job's extern
+   slurmstepd (:mod:`cgroups.stepd`). Slurm then adds the pid to every cgroup of the step
+   (memory included), its process tracking, its accounting and ``ulimit_pam_adopt``.
+   Afterwards /proc/PID/cgroup is read back: every controller in which the step exists must
+   show it (v1 ``.../step_extern``, v2 anywhere below ``.../step_extern/``); a controller the
+   stepd left out is written directly and said so in ``Adoption.reason``.
+2. **The fallback** when the stepd cannot be used (socket gone, version refused, timeout, rc
+   error): the pid is written to ``cgroup.procs`` of the job's ``step_extern`` in **every**
+   controller where that directory exists, memory included (v1), or to
+   ``.../step_extern/user/task_special`` (v2, created if missing as slurmstepd does). Slurm's
+   accounting does not see such a pid; the cgroups (limits, scancel) do.
+
+Writing a pid that is already there is a no-op for the kernel: adoption is idempotent.
 """
 import errno
 import os
 
-from .errors import AdoptionFailed, JobGone, LayoutNotFound, PermissionDenied, PidGone
+from .errors import (AdoptionFailed, JobGone, LayoutNotFound, PermissionDenied, PidGone,
+                     StepdError)
 from . import paths as _p
 from .jobs import read_small
+
+
+class Adoption:
+    """How a pid was adopted into a job.
+
+    how      "stepd" (REQUEST_ADD_EXTERN_PID accepted) or "cgroup" (direct writes)
+    reason   why the fallback was used (None when how == "stepd" and nothing was missing;
+             with how == "stepd", which controllers had to be written directly)
+    dirs     the step's cgroup directories the pid is in (v1: one per controller; v2: the
+             leaf written, or the step directory when the stepd placed it)
+    job_id, pid, stepd_version (the protocol version the stepd answered, or None)
+    """
+
+    __slots__ = ("how", "reason", "dirs", "job_id", "pid", "stepd_version")
+
+    def __init__(self, how, reason, dirs, job_id, pid, stepd_version=None):
+        self.how = how
+        self.reason = reason
+        self.dirs = list(dirs)
+        self.job_id = job_id
+        self.pid = pid
+        self.stepd_version = stepd_version
+
+    def __repr__(self):
+        return (f"Adoption(how={self.how!r}, job_id={self.job_id}, pid={self.pid}, "
+                f"reason={self.reason!r}, dirs={self.dirs!r}, "
+                f"stepd_version={self.stepd_version})")
+
+
+class Target:
+    """Pure: one cgroup the pid must end up in: ``ctrl`` ("" on v2), ``dir`` to write,
+    ``rel`` the path /proc/PID/cgroup shows, ``step_rel`` the step's path (v2: the stepd may
+    choose any leaf below it)."""
+
+    __slots__ = ("ctrl", "dir", "rel", "step_rel")
+
+    def __init__(self, ctrl, dir, rel, step_rel):
+        self.ctrl, self.dir, self.rel, self.step_rel = ctrl, dir, rel, step_rel
+
+    def shown(self, have, by_stepd):
+        """Does the map {controller: path} of /proc/PID/cgroup show this target?"""
+        got = have.get(self.ctrl)
+        if got == self.rel:
+            return True
+        return by_stepd and got is not None and (got == self.step_rel or
+                                                 got.startswith(self.step_rel + "/"))
+
+    def __repr__(self):
+        return f"Target({self.ctrl!r}, {self.dir!r})"
+
+
+def extern_targets(layout, job, isdir=os.path.isdir):
+    """The cgroups of ``job``'s extern step that exist (``isdir``): v1 every controller of
+    the layout (memory included) whose ``step_extern`` exists; v2 the step's
+    ``user/task_special``. Pure apart from ``isdir``. Raises LayoutNotFound for a SLUID job or
+    an unknown v1 owner, JobGone when the step exists nowhere."""
+    if job.job_id is None:
+        raise LayoutNotFound(f"{job}: cannot adopt into a job known only by its SLUID")
+    if layout.version == 1:
+        if job.uid is None:
+            raise LayoutNotFound(f"job {job.job_id}: owner uid unknown, cannot build the v1 "
+                                 f"path uid_<U>/job_{job.job_id}")
+        rel = layout.v1_rel_step(job.uid, job.job_id)
+        mounts = {}                               # "cpu,cpuacct" is one hierarchy: once
+        for c, m in sorted(layout.v1_mounts.items()):
+            mounts.setdefault(m, c)
+        found = [Target(c, f"{m}{rel}", rel, rel) for m, c in mounts.items()
+                 if isdir(f"{m}{rel}")]
+        where = layout.v1_prefix
+    else:
+        leaf = layout.v2_rel_task_special(job.job_id)
+        step = leaf[:-len("/user/task_special")]
+        found = [Target("", layout.v2_mount + leaf, leaf, step)] \
+            if isdir(layout.v2_mount + step) else []
+        where = layout.v2_scope
+    if not found:
+        raise JobGone(f"job {job.job_id} has no step_extern cgroup under {where} (job ended, "
+                      f"or no PrologFlags=contain)", job.job_id)
+    return found
 
 
 def _write_pid(path, pid, job_id, what):
     """Write ``pid`` into the cgroup.procs file ``path``; map errno to our exceptions."""
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise JobGone(f"job {job_id} ended before pid {pid} could be adopted: "
                       f"{path} no longer exists", job_id) from None
@@ -45,102 +132,138 @@ def _write_pid(path, pid, job_id, what):
         os.close(fd)
 
 
-def _pid_alive(pid):
-    return os.path.exists(f"/proc/{pid}")
+def _mkdir_leaf(d, job_id, pid):
+    """v2: create step_extern/user/task_special as slurmstepd does on first use."""
+    try:
+        os.mkdir(d)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        raise JobGone(f"job {job_id} ended before pid {pid} could be adopted "
+                      f"({os.path.dirname(d)} vanished)", job_id) from None
+    except PermissionError as e:
+        raise PermissionDenied(f"cannot create {d}: {e.strerror}", d) from None
 
 
-def _read_proc_cgroup(pid):
-    data = read_small(f"/proc/{pid}/cgroup")
-    if not data:
-        raise PidGone(f"pid {pid} exited during adoption (cannot read /proc/{pid}/cgroup)", pid)
-    return _p.parse_proc_cgroup(data.decode("utf-8", "replace"))
+def _write_targets(targets, pid, job_id, version):
+    what = f"job {job_id} extern step"
+    for t in targets:
+        if version == 2:
+            _mkdir_leaf(t.dir, job_id, pid)
+        _write_pid(f"{t.dir}/cgroup.procs", pid, job_id, what)
 
 
-def extern_targets(layout, job):
-    """Pure: ``[(controller, cgroup.procs path, expected /proc/PID/cgroup path)]`` for
-    adopting into ``job``'s extern step (``job``: Job or JobRef with job_id/uid)."""
-    if job.job_id is None:
-        raise LayoutNotFound(f"{job}: cannot adopt into a job known only by its SLUID")
-    if layout.version == 1:
-        if job.uid is None:
-            raise LayoutNotFound(f"job {job.job_id}: owner uid unknown, cannot build the v1 "
-                                 f"path uid_<U>/job_{job.job_id}")
-        rel = layout.v1_rel_step(job.uid, job.job_id)
-        return [(c, f"{m}{rel}/cgroup.procs", rel) for c, m in sorted(layout.v1_mounts.items())]
-    rel = layout.v2_rel_task_special(job.job_id)
-    return [("", f"{layout.v2_mount}{rel}/cgroup.procs", rel)]
-
-
-def adopt(layout, pid, job, *, verify=True):
-    """Move ``pid`` into ``job``'s extern step; return the list of cgroup dirs written.
-
-    Raises PidGone, JobGone, PermissionDenied, LayoutNotFound, AdoptionFailed (all
-    CgroupError). Idempotent.
-    """
+def _check_pid(pid):
     pid = int(pid)
     if pid <= 0:
         raise PidGone(f"invalid pid {pid}", pid)
     if not _pid_alive(pid):
         raise PidGone(f"pid {pid} does not exist (exited before adoption)", pid)
-    targets = extern_targets(layout, job)
-    what = f"job {job.job_id} extern step"
-    written = []
-    if layout.version == 1:
-        base_track = layout.v1_base(layout.track)
-        if not os.path.isdir(base_track):
-            raise LayoutNotFound(f"{base_track} does not exist: no Slurm cgroups for node "
-                                 f"{layout.nodename} (wrong prefix or slurmd not running?)")
-        for ctrl, procs, rel in targets:
-            d = os.path.dirname(procs)
-            if not os.path.isdir(d):
-                continue
-            _write_pid(procs, pid, job.job_id, what)
-            written.append((ctrl, d, rel))
-        if not written:
-            raise JobGone(f"job {job.job_id} has no step_extern cgroup under "
-                          f"{layout.v1_prefix} (job ended, or no PrologFlags=contain)",
-                          job.job_id)
-    else:
-        ctrl, procs, rel = targets[0]
-        d = os.path.dirname(procs)
-        step = os.path.dirname(os.path.dirname(d))
-        if not os.path.isdir(layout.v2_scope_dir()):
-            raise LayoutNotFound(f"{layout.v2_scope_dir()} does not exist: no Slurm stepd scope "
-                                 f"for node {layout.nodename}")
-        if not os.path.isdir(step):
-            raise JobGone(f"job {job.job_id} has no {step} (job ended, or no "
-                          f"PrologFlags=contain)", job.job_id)
-        try:
-            os.mkdir(d)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            raise JobGone(f"job {job.job_id} ended before pid {pid} could be adopted "
-                          f"({os.path.dirname(d)} vanished)", job.job_id) from None
-        except PermissionError as e:
-            raise PermissionDenied(f"cannot create {d}: {e.strerror}", d) from None
-        _write_pid(procs, pid, job.job_id, what)
-        written.append((ctrl, d, rel))
-    if verify:
-        have = {}
-        for hid, ctrls, path in _read_proc_cgroup(pid):
-            for c in ctrls.split(","):
-                have[c] = path
-            if hid == 0 and ctrls == "":
-                have[""] = path
-        for ctrl, d, rel in written:
-            if have.get(ctrl) != rel:
-                if not _pid_alive(pid):
-                    raise PidGone(f"pid {pid} exited during adoption", pid)
-                raise AdoptionFailed(f"pid {pid} written to {d} but /proc/{pid}/cgroup shows "
-                                     f"{ctrl or 'cgroup2'}:{have.get(ctrl)!s} (moved again?)")
-    return [d for _, d, _ in written]
+    return pid
 
+
+def _pid_alive(pid):
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _proc_cgroup_map(pid):
+    """{controller: path} of /proc/PID/cgroup; the v2 line under ""."""
+    data = read_small(f"/proc/{pid}/cgroup")
+    if not data:
+        raise PidGone(f"pid {pid} exited during adoption (cannot read /proc/{pid}/cgroup)", pid)
+    have = {}
+    for hid, ctrls, path in _p.parse_proc_cgroup(data.decode("utf-8", "replace")):
+        for c in ctrls.split(","):
+            have[c] = path
+    return have
+
+
+def _missing(targets, pid, by_stepd):
+    have = _proc_cgroup_map(pid)
+    return [t for t in targets if not t.shown(have, by_stepd)], have
+
+
+def _stepd_add(layout, job, pid, timeout):
+    """REQUEST_ADD_EXTERN_PID; the stepd's protocol version, or a StepdError."""
+    from .stepd import connect
+    with connect(layout.extern_socket(job.job_id), timeout) as c:
+        c.add_extern_pid(pid)
+        return c.version
+
+
+def _after_stepd(layout, job, pid, version, verify):
+    """Check what the stepd did; write any controller it left out. Returns an Adoption."""
+    try:
+        targets = extern_targets(layout, job)
+    except (JobGone, LayoutNotFound) as e:     # e.g. v1 owner unknown: nothing to compare
+        return Adoption("stepd", f"not verified: {e}", [], job.job_id, pid, version)
+    if not verify:
+        return Adoption("stepd", None, [t.dir for t in targets], job.job_id, pid, version)
+    missing, have = _missing(targets, pid, True)
+    reason = None
+    if missing:
+        _write_targets(missing, pid, job.job_id, layout.version)
+        _verify(missing, pid, False)
+        reason = ("the stepd added the pid but left it out of " +
+                  ", ".join(t.ctrl or "cgroup2" for t in missing) + ": written directly")
+    dirs = [t.dir if (t in missing or t.ctrl) else layout.v2_mount + have[""]
+            for t in targets]
+    return Adoption("stepd", reason, dirs, job.job_id, pid, version)
+
+
+def _verify(targets, pid, by_stepd):
+    missing, have = _missing(targets, pid, by_stepd)
+    if missing:
+        if not _pid_alive(pid):
+            raise PidGone(f"pid {pid} exited during adoption", pid)
+        t = missing[0]
+        raise AdoptionFailed(f"pid {pid} written to {t.dir} but /proc/{pid}/cgroup shows "
+                             f"{t.ctrl or 'cgroup2'}:{have.get(t.ctrl)!s} (moved again?)")
+
+
+def _fallback(layout, job, pid, reason, verify, version):
+    if layout.version == 1:
+        base = layout.v1_base(layout.track)
+        if not os.path.isdir(base):
+            raise LayoutNotFound(f"{base} does not exist: no Slurm cgroups for node "
+                                 f"{layout.nodename} (wrong prefix or slurmd not running?)")
+    elif not os.path.isdir(layout.v2_scope_dir()):
+        raise LayoutNotFound(f"{layout.v2_scope_dir()} does not exist: no Slurm stepd scope "
+                             f"for node {layout.nodename}")
+    targets = extern_targets(layout, job)
+    _write_targets(targets, pid, job.job_id, layout.version)
+    if verify:
+        _verify(targets, pid, False)
+    return Adoption("cgroup", reason, [t.dir for t in targets], job.job_id, pid, version)
+
+
+def adopt(layout, pid, job, *, stepd_timeout=0.5, verify=True, use_stepd=True):
+    """Adopt ``pid`` into ``job``'s extern step (``job``: anything with ``job_id`` and, on
+    v1 for the fallback, ``uid``); returns an :class:`Adoption`.
+
+    The stepd way first (bounded by ``stepd_timeout`` seconds for the whole exchange), the
+    cgroup writes when the stepd cannot be used (module docstring). ``verify`` reads
+    /proc/PID/cgroup back. Raises PidGone, JobGone, PermissionDenied, LayoutNotFound,
+    AdoptionFailed (all CgroupError). Idempotent.
+    """
+    pid = _check_pid(pid)
+    if job.job_id is None:
+        raise LayoutNotFound(f"{job}: cannot adopt into a job known only by its SLUID")
+    if not use_stepd:
+        return _fallback(layout, job, pid, "stepd not asked (use_stepd=False)", verify, None)
+    try:
+        version = _stepd_add(layout, job, pid, stepd_timeout)
+    except StepdError as e:
+        return _fallback(layout, job, pid, f"stepd not used: {e}", verify, None)
+    return _after_stepd(layout, job, pid, version, verify)
+
+
+# ---------------------------------------------------------------- user-level fallback
 
 def user_fallback_targets(layout, uid):
     """Pure: ``[(controller, dir, expected path)]`` of the user-level fallback cgroup:
-    v1 ``<prefix>/uid_<U>`` in every usable controller; v2 the configured
-    ``v2_user_cgroup`` (None if not configured)."""
+    v1 ``<prefix>/uid_<U>`` in every controller; v2 the configured ``v2_user_cgroup`` (None
+    if not configured)."""
     if layout.version == 1:
         rel = f"{layout.v1_prefix}/uid_{uid}"
         return [(c, f"{m}{rel}", rel) for c, m in sorted(layout.v1_mounts.items())]
@@ -151,11 +274,9 @@ def user_fallback_targets(layout, uid):
 
 
 def adopt_user(layout, pid, uid, *, verify=True):
-    """Move ``pid`` into the user-level fallback cgroup of ``uid`` (v1: existing
+    """Move ``pid`` into the user-level fallback cgroup of ``uid`` (v1: the existing
     ``uid_<U>`` dirs; v2: the configured cgroup, created if missing). Returns dirs written."""
-    pid = int(pid)
-    if not _pid_alive(pid):
-        raise PidGone(f"pid {pid} does not exist (exited before adoption)", pid)
+    pid = _check_pid(pid)
     targets = user_fallback_targets(layout, uid)
     if targets is None:
         raise LayoutNotFound("no cgroup/v2 user-level fallback cgroup configured "
@@ -167,16 +288,9 @@ def adopt_user(layout, pid, uid, *, verify=True):
         elif not os.path.isdir(d):
             continue
         _write_pid(f"{d}/cgroup.procs", pid, None, f"user {uid} fallback cgroup")
-        written.append((ctrl, d, rel))
+        written.append(Target(ctrl, d, rel, rel))
     if not written:
         raise JobGone(f"user {uid} has no Slurm cgroup (uid_{uid}) on node {layout.nodename}")
     if verify:
-        have = {}
-        for hid, ctrls, path in _read_proc_cgroup(pid):
-            for c in ctrls.split(","):
-                have[c] = path
-        for ctrl, d, rel in written:
-            if have.get(ctrl) != rel:
-                raise AdoptionFailed(f"pid {pid} written to {d} but /proc/{pid}/cgroup shows "
-                                     f"{have.get(ctrl)!s}")
-    return [d for _, d, _ in written]
+        _verify(written, pid, False)
+    return [t.dir for t in written]

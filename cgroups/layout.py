@@ -2,6 +2,16 @@
 
 Resolved the way slurmd does it (see the package docstring for the sources):
 
+* slurm.conf: the path given, else the first that exists of ``$SLURM_CONF`` (with
+  ``use_env``), ``/run/slurm/conf/slurm.conf`` (configless slurmd's symlink to its cache,
+  made at every start), ``<SlurmdSpoolDir>/conf-cache/slurm.conf`` (configless slurmd's cache:
+  the ``spool_dir=`` given, else the default spool /var/spool/slurmd), /etc/slurm/slurm.conf.
+  Facts: slurmd.c ``_establish_configuration`` / ``_handle_slash_run`` (22.05, 24.11):
+  a configless slurmd writes every file to ``<SlurmdSpoolDir>/conf-cache/`` (the spool dir
+  from the server's SlurmdSpoolDir, %n/%h expanded) and points ``/run/slurm/conf`` at it.
+  cgroup.conf and job_container.conf are read next to the slurm.conf found (Slurm's
+  ``get_extra_conf_path``), and configless slurmd caches them there too (fetch_config.c).
+  Caveat: a conf-cache left over from an earlier configless setup is never removed by Slurm.
 * node name: explicit ``nodename=`` > ``$SLURMD_NODENAME`` > the ``NodeName`` whose
   ``NodeHostname`` (or, if none, whose name) equals this host's short or full name >
   the short host name.
@@ -18,6 +28,11 @@ Resolved the way slurmd does it (see the package docstring for the sources):
   the first cgroup2 mount), same multiple-slurmd rule; ``v2_scope=`` overrides.
 * ``cgroup_root=`` ("/" by default) is a directory inside every hierarchy under which the
   Slurm tree lives (containers; tests use a unique ``/cidtest-...``).
+* v1 controllers: every mounted v1 controller under the mountpoint, memory included (adoption
+  writes only where the job's ``step_extern`` directory exists); named hierarchies are not
+  controllers. The memory hierarchy is never used to list jobs.
+* job container: ``JobContainerType`` (``NamespaceType`` from 25.11) ending in ``/tmpfs`` ->
+  the node's BasePath from job_container.conf (:func:`namespace.jc_basepath`).
 """
 import os
 
@@ -26,6 +41,8 @@ from . import paths as _p
 
 DEFAULT_SLURM_CONF = "/etc/slurm/slurm.conf"
 DEFAULT_SPOOL_DIR = "/var/spool/slurmd"
+CONFIGLESS_LINK = "/run/slurm/conf"          # slurmd.c _handle_slash_run
+CONF_CACHE = "conf-cache"                    # <SlurmdSpoolDir>/conf-cache
 DEFAULT_MOUNTPOINT = "/sys/fs/cgroup"
 DEFAULT_SLICE = "system.slice"
 DEFAULT_MULTIPLE_SLURMD = True     # Debian's slurm-wlm is built with --enable-multiple-slurmd
@@ -38,50 +55,53 @@ class Layout:
     version      1 or 2
     nodename     this node's NodeName
     spool_dir    SlurmdSpoolDir (expanded)
-    v1_mounts    {controller: mountpoint} usable for Slurm (memory only if allow_memory)
+    v1_mounts    {controller: mountpoint} of the v1 controllers (memory included)
     v1_prefix    path inside each v1 hierarchy, e.g. "/slurm_node2" (includes cgroup_root)
-    track        the v1 controller used to list jobs (freezer if mounted)
+    track        the v1 controller used to list jobs (freezer if mounted; never memory)
     v2_mount     cgroup2 mountpoint
     v2_scope     path inside the cgroup2 mount, e.g. "/system.slice/node2_slurmstepd.scope"
     v2_user_cgroup  v2 user-level fallback cgroup (path inside the mount, "%u" = uid) or None
+    multiple_slurmd  whether Slurm was built with --enable-multiple-slurmd (as resolved)
+    container    the job container plugin ("job_container/tmpfs", ...) or None
+    jc_basepath  this node's job_container/tmpfs BasePath (node suffix included) or None
     """
 
     __slots__ = ("version", "nodename", "spool_dir", "v1_mounts", "v1_prefix", "track",
-                 "v2_mount", "v2_scope", "v2_user_cgroup", "allow_memory", "notes")
+                 "v2_mount", "v2_scope", "v2_user_cgroup", "multiple_slurmd", "container",
+                 "jc_basepath", "notes")
 
     def __init__(self, version, nodename, spool_dir, v1_mounts=None, v1_prefix=None,
-                 v2_mount=None, v2_scope=None, v2_user_cgroup=None, allow_memory=False,
-                 notes=()):
+                 v2_mount=None, v2_scope=None, v2_user_cgroup=None, multiple_slurmd=None,
+                 container=None, jc_basepath=None, notes=()):
         self.version = version
         self.nodename = nodename
         self.spool_dir = spool_dir
-        v1 = dict(v1_mounts or {})
         # named hierarchies (name=systemd) are not controllers Slurm uses
-        v1 = {c: m for c, m in v1.items()
-              if not c.startswith("name=") and (allow_memory or c != "memory")}
+        v1 = {c: m for c, m in dict(v1_mounts or {}).items() if not c.startswith("name=")}
         self.v1_mounts = v1
         self.v1_prefix = _norm(v1_prefix) if v1_prefix else None
-        self.track = next((c for c in TRACK_PREFERENCE if c in v1), next(iter(v1), None))
+        self.track = next((c for c in TRACK_PREFERENCE if c in v1),
+                          next((c for c in v1 if c != "memory"), None))
         self.v2_mount = v2_mount
         self.v2_scope = _norm(v2_scope) if v2_scope else None
         self.v2_user_cgroup = v2_user_cgroup
-        self.allow_memory = allow_memory
+        self.multiple_slurmd = multiple_slurmd
+        self.container = container
+        self.jc_basepath = jc_basepath
         self.notes = list(notes)
-        if version == 1 and (not self.v1_mounts or not self.v1_prefix):
-            raise LayoutNotFound("cgroup/v1 layout needs at least one mounted controller "
-                                 "(memory is never used) and a prefix")
+        if version == 1 and (not self.track or not self.v1_prefix):
+            raise LayoutNotFound("cgroup/v1 layout needs a prefix and at least one mounted "
+                                 "controller besides memory")
         if version == 2 and (not v2_mount or not self.v2_scope):
             raise LayoutNotFound("cgroup/v2 layout needs a cgroup2 mount and a stepd scope")
+
+    def extern_socket(self, job_id):
+        """The extern step's stepd socket ``<spool>/<node>_<job>.4294967292``."""
+        return f"{self.spool_dir.rstrip('/')}/{self.nodename}_{job_id}.{_p.SLURM_EXTERN_CONT}"
 
     # -- v1 -------------------------------------------------------------------------------
     def v1_base(self, ctrl):
         return self.v1_mounts[ctrl] + self.v1_prefix
-
-    def v1_uid_dir(self, ctrl, uid):
-        return f"{self.v1_mounts[ctrl]}{self.v1_prefix}/uid_{uid}"
-
-    def v1_job_dir(self, ctrl, uid, job_id):
-        return f"{self.v1_mounts[ctrl]}{self.v1_prefix}/uid_{uid}/job_{job_id}"
 
     def v1_step_dir(self, ctrl, uid, job_id, step="extern"):
         return f"{self.v1_mounts[ctrl]}{self.v1_prefix}/uid_{uid}/job_{job_id}/step_{step}"
@@ -207,13 +227,139 @@ def choose_v2_mount(mountpoint, mounts):
     return (under or mounts.v2)[0]
 
 
-def discover(slurm_conf=DEFAULT_SLURM_CONF, cgroup_conf=None, nodename=None, mounts=None, *,
+def slurm_conf_candidates(spool_dir=None, env=None):
+    """Pure: where to look for slurm.conf, in order (module docstring): ``$SLURM_CONF``
+    (``env``), the configless link, the conf-cache of ``spool_dir`` and of the default spool
+    dir, /etc/slurm/slurm.conf. Duplicates dropped."""
+    out = [env] if env else []
+    out.append(f"{CONFIGLESS_LINK}/slurm.conf")
+    for spool in (spool_dir, DEFAULT_SPOOL_DIR):
+        if spool:
+            out.append(f"{spool.rstrip('/')}/{CONF_CACHE}/slurm.conf")
+    out.append(DEFAULT_SLURM_CONF)
+    return list(dict.fromkeys(out))
+
+
+def find_slurm_conf(candidates):
+    """The first of ``candidates`` that is a file; else one ConfError naming every place."""
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise ConfError("slurm.conf", None,
+                    "not found; looked at " + ", ".join(candidates) +
+                    " (configless slurmd keeps it in /run/slurm/conf/ and "
+                    "<SlurmdSpoolDir>/conf-cache/; pass its path to use another)")
+
+
+def _load_confs(slurm_conf, cgroup_conf, spool_dir, use_env, notes):
+    """(slurm.conf Conf, cgroup.conf Conf, directory of the other configuration files)."""
+    from .conf import Conf, load_conf
+    if isinstance(slurm_conf, Conf):
+        sconf, conf_dir = slurm_conf, None
+    else:
+        if slurm_conf is None:
+            env = os.environ.get("SLURM_CONF") if use_env else None
+            slurm_conf = find_slurm_conf(slurm_conf_candidates(spool_dir, env))
+            notes.append(f"slurm.conf found at {slurm_conf}")
+        sconf = load_conf(slurm_conf)
+        conf_dir = os.path.dirname(os.path.abspath(slurm_conf))
+    if isinstance(cgroup_conf, Conf):
+        return sconf, cgroup_conf, conf_dir
+    path = cgroup_conf or os.path.join(conf_dir or os.path.dirname(DEFAULT_SLURM_CONF),
+                                       "cgroup.conf")
+    if cgroup_conf is None and not os.path.exists(path):
+        notes.append(f"no {path}: cgroup.conf defaults")
+        return sconf, Conf(), conf_dir
+    return sconf, load_conf(path), conf_dir
+
+
+def _node_and_spool(sconf, nodename, hostname, use_env, spool_dir, notes):
+    """(NodeName, short host name, SlurmdSpoolDir)."""
+    short, full = (hostname.split(".")[0], hostname) if hostname else _hostnames()
+    env = os.environ.get("SLURMD_NODENAME") if use_env else None
+    node, how = resolve_nodename(sconf, short, full, nodename, env)
+    notes.append(f"node name {node!r} from {how}")
+    if spool_dir is None:
+        spool_dir = _p.expand_node_pattern(sconf.get("SlurmdSpoolDir", DEFAULT_SPOOL_DIR),
+                                           node, short)
+    return node, short, spool_dir
+
+
+def _mount_table(mounts):
+    if mounts is None:
+        with open("/proc/self/mounts") as f:
+            return _p.parse_mounts(f.read())
+    return _p.parse_mounts(mounts) if isinstance(mounts, str) else mounts
+
+
+def _probe_multiple(given, with_node, without_node):
+    """(multiple_slurmd, how): the value given, else which of the two directories exists,
+    else Debian's build default."""
+    if given is not None:
+        return given, "multiple_slurmd given"
+    if os.path.isdir(with_node):
+        return True, f"found {with_node}"
+    if os.path.isdir(without_node):
+        return False, f"found {without_node}"
+    return DEFAULT_MULTIPLE_SLURMD, "default (Debian build)"
+
+
+def _v1_placement(mounts, mp, node, short, root, prefix, multiple_slurmd):
+    """(v1 mounts, prefix inside each hierarchy, multiple_slurmd, note)."""
+    v1 = {c: m for c, m in mounts.v1.items()
+          if m.startswith(mp + "/") and not c.startswith("name=")}
+    if prefix is not None:
+        return v1, root + _norm(_p.expand_node_pattern(prefix, node, short)), \
+            multiple_slurmd, "explicit prefix"
+    track = next((c for c in TRACK_PREFERENCE if c in v1),
+                 next((c for c in v1 if c != "memory"), None))
+    if track is None:
+        raise LayoutNotFound(f"no cgroup v1 controller besides memory mounted under {mp}")
+    base = v1[track] + root
+    multiple_slurmd, how = _probe_multiple(multiple_slurmd, f"{base}/slurm_{node}",
+                                           f"{base}/slurm")
+    pre = f"/slurm_{node}" if multiple_slurmd else "/slurm"
+    return v1, root + pre, multiple_slurmd, how
+
+
+def _v2_placement(cconf, mounts, mp, node, short, root, v2_scope, multiple_slurmd):
+    """(cgroup2 mount, stepd scope inside it, multiple_slurmd, note)."""
+    v2m = choose_v2_mount(mp, mounts)
+    if v2_scope is not None:
+        return v2m, _p.expand_node_pattern(v2_scope, node, short), multiple_slurmd, \
+            "explicit v2_scope"
+    slice_ = root + _norm(cconf.get("CgroupSlice", DEFAULT_SLICE) or DEFAULT_SLICE)
+    multiple_slurmd, how = _probe_multiple(multiple_slurmd,
+                                           f"{v2m}{slice_}/{node}_slurmstepd.scope",
+                                           f"{v2m}{slice_}/slurmstepd.scope")
+    scope = slice_ + (f"/{node}_slurmstepd.scope" if multiple_slurmd else "/slurmstepd.scope")
+    return v2m, scope, multiple_slurmd, how
+
+
+def _job_container(sconf, conf_dir, node, short, multiple_slurmd, notes):
+    """(container plugin or None, this node's tmpfs BasePath or None)."""
+    from .conf import load_conf
+    from .namespace import container_plugin, jc_basepath
+    plugin = container_plugin(sconf)
+    if plugin is None or not plugin.endswith("/tmpfs"):
+        return plugin, None
+    if conf_dir is None:
+        notes.append(f"{plugin}: no configuration directory, BasePath unknown")
+        return plugin, None
+    jc = load_conf(os.path.join(conf_dir, "job_container.conf"))
+    base = jc_basepath(jc, node, short, multiple_slurmd)
+    notes.append(f"{plugin}: BasePath {base}" if base else
+                 f"{plugin}: disabled on {node} (no BasePath for it, or BasePath=none)")
+    return plugin, base
+
+
+def discover(slurm_conf=None, cgroup_conf=None, nodename=None, mounts=None, *,
              hostname=None, spool_dir=None, cgroup_root=None, plugin=None, prefix=None,
-             multiple_slurmd=None, v2_scope=None, v2_user_cgroup=None, allow_memory=False,
-             use_env=True):
+             multiple_slurmd=None, v2_scope=None, v2_user_cgroup=None, use_env=True):
     """Discover this node's Slurm cgroup layout and return a :class:`Layout`.
 
-    slurm_conf   path of slurm.conf, or an already loaded Conf, or None (defaults only)
+    slurm_conf   path of slurm.conf; None = find it (configless first, module docstring);
+                 or an already loaded Conf (then no job_container.conf is read)
     cgroup_conf  path of cgroup.conf (default: next to slurm.conf; a missing file means
                  defaults, like Slurm), a Conf, or None
     nodename     this node's NodeName (default: resolved as slurmd does)
@@ -222,95 +368,30 @@ def discover(slurm_conf=DEFAULT_SLURM_CONF, cgroup_conf=None, nodename=None, mou
     spool_dir    override SlurmdSpoolDir (tests); cgroup_root: see module docstring
     plugin       override CgroupPlugin; prefix/multiple_slurmd/v2_scope: see module docstring
     v2_user_cgroup  v2 user-level fallback cgroup, "%u" = uid (e.g. "/callerid.slice/user-%u")
-    allow_memory never set this outside a dedicated deployment: lets v1 adoption also write
-                 the memory controller.
-    Raises ConfError (file:line) for bad configuration and LayoutNotFound when the mount
-    table has no usable cgroup filesystem.
+    use_env      honour $SLURM_CONF and $SLURMD_NODENAME
+    Raises ConfError (file:line, or every place looked at) for missing or bad configuration
+    and LayoutNotFound when the mount table has no usable cgroup filesystem.
     """
-    from .conf import Conf, load_conf
-
     notes = []
-    if isinstance(slurm_conf, Conf) or slurm_conf is None:
-        sconf = slurm_conf or Conf()
-        conf_dir = os.path.dirname(DEFAULT_SLURM_CONF)
-    else:
-        sconf = load_conf(slurm_conf)
-        conf_dir = os.path.dirname(os.path.abspath(slurm_conf))
-    if isinstance(cgroup_conf, Conf):
-        cconf = cgroup_conf
-    else:
-        path = cgroup_conf or os.path.join(conf_dir, "cgroup.conf")
-        if cgroup_conf is None and not os.path.exists(path):
-            cconf = Conf()
-            notes.append(f"no {path}: cgroup.conf defaults")
-        else:
-            cconf = load_conf(path)
-
-    if hostname:
-        short, full = hostname.split(".")[0], hostname
-    else:
-        short, full = _hostnames()
-    env = os.environ.get("SLURMD_NODENAME") if use_env else None
-    node, how = resolve_nodename(sconf, short, full, nodename, env)
-    notes.append(f"node name {node!r} from {how}")
-
-    if spool_dir is None:
-        spool_dir = _p.expand_node_pattern(sconf.get("SlurmdSpoolDir", DEFAULT_SPOOL_DIR),
-                                           node, short)
+    sconf, cconf, conf_dir = _load_confs(slurm_conf, cgroup_conf, spool_dir, use_env, notes)
+    node, short, spool = _node_and_spool(sconf, nodename, hostname, use_env, spool_dir, notes)
     mp = cconf.get("CgroupMountpoint", DEFAULT_MOUNTPOINT).rstrip("/") or "/"
-
-    if mounts is None:
-        with open("/proc/self/mounts") as f:
-            mounts = _p.parse_mounts(f.read())
-    elif isinstance(mounts, str):
-        mounts = _p.parse_mounts(mounts)
-
+    mtab = _mount_table(mounts)
     requested = _plugin_version(plugin if plugin is not None else cconf.get("CgroupPlugin"),
                                 None if plugin is not None else cconf.where("CgroupPlugin"))
-    version = choose_version(requested, mp, mounts)
+    version = choose_version(requested, mp, mtab)
     root = _norm(cgroup_root or "/")
-
     if version == 1:
-        v1 = {c: m for c, m in mounts.v1.items() if m.startswith(mp + "/")}
-        layout_kw = dict(v1_mounts=v1)
-        if prefix is not None:
-            pre = _p.expand_node_pattern(prefix, node, short)
-            how = "explicit prefix"
-        else:
-            if multiple_slurmd is None:
-                probe = Layout(1, node, spool_dir, v1, root + "/x", allow_memory=allow_memory)
-                base = probe.v1_mounts[probe.track] + root
-                if os.path.isdir(f"{base}/slurm_{node}"):
-                    multiple_slurmd, how = True, f"found {base}/slurm_{node}"
-                elif os.path.isdir(f"{base}/slurm"):
-                    multiple_slurmd, how = False, f"found {base}/slurm"
-                else:
-                    multiple_slurmd, how = DEFAULT_MULTIPLE_SLURMD, "default (Debian build)"
-            else:
-                how = "multiple_slurmd given"
-            pre = f"/slurm_{node}" if multiple_slurmd else "/slurm"
+        v1, pre, multi, how = _v1_placement(mtab, mp, node, short, root, prefix,
+                                            multiple_slurmd)
         notes.append(f"v1 prefix {pre} ({how})")
-        return Layout(1, node, spool_dir, v1_prefix=root + _norm(pre), allow_memory=allow_memory,
-                      notes=notes, **layout_kw)
-
-    v2m = choose_v2_mount(mp, mounts)
-    if v2_scope is not None:
-        scope = _p.expand_node_pattern(v2_scope, node, short)
-        how = "explicit v2_scope"
+        kw = dict(v1_mounts=v1, v1_prefix=pre)
     else:
-        slice_ = cconf.get("CgroupSlice", DEFAULT_SLICE) or DEFAULT_SLICE
-        base = v2m + root + _norm(slice_)
-        if multiple_slurmd is None:
-            if os.path.isdir(f"{base}/{node}_slurmstepd.scope"):
-                multiple_slurmd, how = True, "found"
-            elif os.path.isdir(f"{base}/slurmstepd.scope"):
-                multiple_slurmd, how = False, "found"
-            else:
-                multiple_slurmd, how = DEFAULT_MULTIPLE_SLURMD, "default (Debian build)"
-        else:
-            how = "multiple_slurmd given"
-        scope = root + _norm(slice_) + ("/%s_slurmstepd.scope" % node if multiple_slurmd
-                                        else "/slurmstepd.scope")
-    notes.append(f"v2 scope {scope} ({how})")
-    return Layout(2, node, spool_dir, v2_mount=v2m, v2_scope=scope,
-                  v2_user_cgroup=v2_user_cgroup, allow_memory=allow_memory, notes=notes)
+        v2m, scope, multi, how = _v2_placement(cconf, mtab, mp, node, short, root, v2_scope,
+                                               multiple_slurmd)
+        notes.append(f"v2 scope {scope} ({how})")
+        kw = dict(v2_mount=v2m, v2_scope=scope, v2_user_cgroup=v2_user_cgroup)
+    container, base = _job_container(sconf, conf_dir, node, short,
+                                     DEFAULT_MULTIPLE_SLURMD if multi is None else multi, notes)
+    return Layout(version, node, spool, multiple_slurmd=multi, container=container,
+                  jc_basepath=base, notes=notes, **kw)

@@ -114,7 +114,6 @@ PROTOCOLS = (
 # minimum is <= it, there is no upper bound), and so would the next three releases, whose
 # minimum is at most 25.11 (DEC_SLURM_VER(SLURM_PROTOCOL_VERSION, 3) since 25.11).
 CLIENT_PROTOCOL_VERSION = PROTOCOLS[-1].version      # 11264
-DEFAULT_PROTOCOL_VERSION = CLIENT_PROTOCOL_VERSION
 
 
 def protocol_for(version):
@@ -380,11 +379,11 @@ class Connection:
         return fds[0]
 
 
-def connect(socket_path, timeout=DEFAULT_TIMEOUT, *, protocol_version=CLIENT_PROTOCOL_VERSION,
-            trusted_uids=(0,)):
+def connect(socket_path, timeout=DEFAULT_TIMEOUT, *, protocol_version=None, trusted_uids=(0,)):
     """Connect to the stepd at ``socket_path``, check the listener runs as one of
-    ``trusted_uids`` (None: no check) and do the handshake; returns a :class:`Connection`
-    whose requests share the deadline ``timeout`` seconds from now.
+    ``trusted_uids`` (None: no check) and do the handshake with ``protocol_version`` (default
+    :data:`CLIENT_PROTOCOL_VERSION`); returns a :class:`Connection` whose requests share the
+    deadline ``timeout`` seconds from now.
 
     Raises :class:`StepdUnavailable` (no socket, nobody listening, backlog full),
     :class:`StepdRefused` (version refused), :class:`StepdTimeout`,
@@ -407,7 +406,7 @@ def connect(socket_path, timeout=DEFAULT_TIMEOUT, *, protocol_version=CLIENT_PRO
                 f"stepd socket {path}: listener pid {pid} runs as uid {puid}, not as "
                 f"{'/'.join(map(str, trusted_uids))}: not a slurmstepd, answer not trusted", path)
         conn = Connection(s, path, deadline, pid, puid)
-        conn.handshake(protocol_version)
+        conn.handshake(CLIENT_PROTOCOL_VERSION if protocol_version is None else protocol_version)
         return conn
     except BaseException:
         s.close()
@@ -432,8 +431,8 @@ def _connect(s, path):
         raise StepdUnavailable(f"stepd socket {path}: connect failed: {what}", path) from None
 
 
-def query_step_uid(socket_path, timeout=DEFAULT_TIMEOUT, *,
-                   protocol_version=CLIENT_PROTOCOL_VERSION, trusted_uids=(0,)):
+def query_step_uid(socket_path, timeout=DEFAULT_TIMEOUT, *, protocol_version=None,
+                   trusted_uids=(0,)):
     """One bounded REQUEST_STEP_UID exchange; returns a :class:`StepReply` (see
     :func:`connect` for the errors)."""
     with connect(socket_path, timeout, protocol_version=protocol_version,
@@ -457,6 +456,6 @@ def x11_display(layout, job, *, timeout=DEFAULT_TIMEOUT):
 
 __all__ = ["connect", "Connection", "Protocol", "PROTOCOLS", "protocol_for", "step_uid",
            "query_step_uid", "x11_display", "StepReply", "CLIENT_PROTOCOL_VERSION",
-           "DEFAULT_PROTOCOL_VERSION", "DEFAULT_TIMEOUT", "REQUEST_STEP_UID",
+           "DEFAULT_TIMEOUT", "REQUEST_STEP_UID",
            "REQUEST_ADD_EXTERN_PID", "REQUEST_X11_DISPLAY", "REQUEST_GET_NS_FD",
            "REQUEST_GET_NS_FDS"]

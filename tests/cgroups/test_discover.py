@@ -1,4 +1,6 @@
 """discover() from configuration files and a synthetic mount table (no cgroup writes)."""
+import os
+
 import pytest
 
 import cgroups
@@ -35,7 +37,9 @@ def test_minicluster_v1(tmp_path):
     L = cgroups.discover(sc, mounts=HYBRID, hostname="node2.cluster", use_env=False,
                          cgroup_root="/nonexistent-root-for-probe")
     assert (L.version, L.nodename, L.spool_dir) == (1, "node2", "/srv/state/node2/spool")
-    assert set(L.v1_mounts) == {"cpuset", "devices", "freezer"}   # never memory, no name=
+    # memory is listed (adoption writes it where the job has a step there), name= is not
+    assert set(L.v1_mounts) == {"cpuset", "devices", "freezer", "memory"}
+    assert L.track == "freezer"
     assert L.v1_prefix == "/nonexistent-root-for-probe/slurm_node2"    # Debian default
     assert L.v1_step_dir("freezer", 2001, 16) == \
         "/sys/fs/cgroup/freezer/nonexistent-root-for-probe/slurm_node2/uid_2001/job_16/step_extern"
@@ -111,5 +115,53 @@ def test_env_nodename(tmp_path, monkeypatch):
 
 
 def test_real_machine_discovers():
-    L = cgroups.discover(None, cgroups.Conf(), nodename="nodeQ", use_env=False)
-    assert L.version in (1, 2) and "memory" not in L.v1_mounts
+    L = cgroups.discover(cgroups.Conf(), cgroups.Conf(), nodename="nodeQ", use_env=False)
+    assert L.version in (1, 2) and L.track != "memory"
+
+
+# ---------------------------------------------------------------- configless slurmd
+
+def test_slurm_conf_candidates_order():
+    from cgroups.layout import slurm_conf_candidates
+    assert slurm_conf_candidates() == ["/run/slurm/conf/slurm.conf",
+                                       "/var/spool/slurmd/conf-cache/slurm.conf",
+                                       "/etc/slurm/slurm.conf"]
+    assert slurm_conf_candidates("/srv/spool/", "/x/slurm.conf") == [
+        "/x/slurm.conf", "/run/slurm/conf/slurm.conf", "/srv/spool/conf-cache/slurm.conf",
+        "/var/spool/slurmd/conf-cache/slurm.conf", "/etc/slurm/slurm.conf"]
+    assert slurm_conf_candidates("/var/spool/slurmd") == slurm_conf_candidates()
+
+
+def test_configless_cache_found_with_its_cgroup_conf(tmp_path, monkeypatch):
+    """slurmd --conf-server keeps slurm.conf, cgroup.conf, job_container.conf in
+    <SlurmdSpoolDir>/conf-cache; nothing in /etc/slurm."""
+    cache = tmp_path / "spool/conf-cache"
+    cache.mkdir(parents=True)
+    (cache / "slurm.conf").write_text(SLURM_CONF + "JobContainerType=job_container/tmpfs\n")
+    (cache / "cgroup.conf").write_text("CgroupPlugin=cgroup/v2\n")
+    (cache / "job_container.conf").write_text("BasePath=/run/jc\n")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    L = cgroups.discover(spool_dir=str(tmp_path / "spool"), mounts=HYBRID, hostname="node2",
+                         cgroup_root="/nonexistent")
+    assert L.version == 2 and L.nodename == "node2" and L.jc_basepath == "/run/jc/node2"
+    assert f"slurm.conf found at {cache}/slurm.conf" in L.notes
+    # $SLURM_CONF (honoured with use_env) comes first
+    other = tmp_path / "other.conf"
+    other.write_text(SLURM_CONF)
+    monkeypatch.setenv("SLURM_CONF", str(other))
+    L = cgroups.discover(spool_dir=str(tmp_path / "spool"), mounts=HYBRID, hostname="node2",
+                         cgroup_root="/nonexistent")
+    assert L.version == 1 and L.container is None          # no cgroup.conf next to it
+
+
+def test_no_slurm_conf_anywhere_is_one_clear_error(tmp_path, monkeypatch):
+    from cgroups import layout
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    places = layout.slurm_conf_candidates(str(tmp_path))
+    if any(os.path.exists(p) for p in places):
+        pytest.skip("this machine has a slurm.conf in a standard place")
+    with pytest.raises(ConfError) as ei:
+        cgroups.discover(spool_dir=str(tmp_path), mounts=HYBRID)
+    msg = str(ei.value)
+    assert msg.startswith("slurm.conf: not found; looked at ")
+    assert all(p in msg for p in places) and "configless" in msg

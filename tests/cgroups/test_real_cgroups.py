@@ -19,7 +19,7 @@ NODE = "nodeA"
 
 
 def layout(tree, version, **kw):
-    return cgroups.discover(None, Conf(), nodename=NODE, spool_dir=tree.spool,
+    return cgroups.discover(Conf(), Conf(), nodename=NODE, spool_dir=tree.spool,
                             cgroup_root=tree.root, plugin=f"cgroup/v{version}", use_env=False,
                             **kw)
 
@@ -45,7 +45,7 @@ def test_v1_discover_list_newest(tree):
     open(f"{tree.spool}/{NODE}_55.4294967292", "w").close()   # a plain file, not a socket
     L = layout(tree, 1)
     assert L.version == 1 and L.v1_prefix == f"{tree.root}/slurm_{NODE}"
-    assert "memory" not in L.v1_mounts and L.track == "freezer"
+    assert "memory" in L.v1_mounts and L.track == "freezer"     # listed, never the tracker
     assert not any(c.startswith("name=") for c in L.v1_mounts)
     mine = cgroups.user_jobs(L, 1000)
     assert [j.job_id for j in mine] == [6, 5]      # newest first
@@ -61,7 +61,7 @@ def test_v1_discover_list_newest(tree):
     # the prefix is probed: with slurm_<node> absent, /slurm is used
     tree.v1_job("x", 1, 1)
     os.rename(f"/sys/fs/cgroup/freezer{tree.root}/slurm_x", f"/sys/fs/cgroup/freezer{tree.root}/slurm")
-    L2 = cgroups.discover(None, Conf(), nodename="nodeC", spool_dir=tree.spool,
+    L2 = cgroups.discover(Conf(), Conf(), nodename="nodeC", spool_dir=tree.spool,
                           cgroup_root=tree.root, plugin="cgroup/v1", use_env=False)
     assert L2.v1_prefix == f"{tree.root}/slurm"
     assert layout(tree, 1, multiple_slurmd=True).v1_prefix == f"{tree.root}/slurm_{NODE}"
@@ -76,8 +76,12 @@ def test_v1_adopt_job_of_pid_idempotent(tree):
     p = tree.spawn()
     before = proc_cgroup(p.pid)
     assert cgroups.job_of_pid(p.pid) is None
-    dirs = cgroups.adopt(L, p.pid, job)
-    assert len(dirs) == 4
+    a = cgroups.adopt(L, p.pid, job)
+    # the socket file exists but nobody listens: the stepd way fails, the cgroup writes follow
+    assert (a.how, a.job_id, a.pid, a.stepd_version) == ("cgroup", 5, p.pid, None)
+    assert "nobody listening" in a.reason
+    dirs = a.dirs
+    assert len(dirs) == 4                           # the 4 controllers where step_extern exists
     after = proc_cgroup(p.pid)
     rel = f"{tree.root}/slurm_{NODE}/uid_1000/job_5/step_extern"
     for c in ("freezer", "cpuset", "devices", "pids"):
@@ -87,7 +91,7 @@ def test_v1_adopt_job_of_pid_idempotent(tree):
     ref = cgroups.job_of_pid(p.pid)
     assert (ref.job_id, ref.step, ref.uid, ref.node, ref.version) == (5, "extern", 1000, NODE, 1)
     assert cgroups.job_of_pid(p.pid, node="nodeZ") is None
-    assert cgroups.adopt(L, p.pid, job) == dirs     # idempotent
+    assert cgroups.adopt(L, p.pid, job).dirs == dirs     # idempotent
     assert proc_cgroup(p.pid)["freezer"] == rel
     # a task in a numbered step, and the stepd level
     q = tree.spawn()
@@ -138,9 +142,9 @@ def test_v2_list_owner_adopt(tree):
     assert [j.job_id for j in cgroups.user_jobs(L, 1234, owner_resolver=resolver)] == [8]
 
     p = tree.spawn()
-    dirs = cgroups.adopt(L, p.pid, mine[0])
+    a = cgroups.adopt(L, p.pid, mine[0])
     rel = f"{L.v2_scope}/job_7/step_extern/user/task_special"
-    assert dirs == [L.v2_mount + rel] and proc_cgroup(p.pid)[""] == rel
+    assert a.how == "cgroup" and a.dirs == [L.v2_mount + rel] and proc_cgroup(p.pid)[""] == rel
     cgroups.adopt(L, p.pid, mine[0])                # idempotent
     ref = cgroups.job_of_pid(p.pid)
     assert (ref.job_id, ref.step, ref.task, ref.node, ref.version) == (7, "extern", "special", NODE, 2)
