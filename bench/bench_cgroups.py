@@ -97,9 +97,11 @@ def fake_stepd(spool, stop):
                     c, _ = srv.accept()
                 except socket.timeout:
                     continue
-                with c:
-                    if len(c.recv(8, socket.MSG_WAITALL)) == 8:
-                        c.sendall(struct.pack("=iI", 38 << 8, UID))
+                with c:     # the client reads the handshake answer before it asks
+                    if len(c.recv(4, socket.MSG_WAITALL)) == 4:
+                        c.sendall(struct.pack("=i", 38 << 8))
+                        if len(c.recv(4, socket.MSG_WAITALL)) == 4:
+                            c.sendall(struct.pack("=I", UID))
     threading.Thread(target=run, daemon=True).start()
     return path
 
@@ -124,8 +126,8 @@ def main():
             build(root, spool, n, child.pid)
             build_s = time.perf_counter() - t0
             kw = dict(nodename=NODE, spool_dir=spool, cgroup_root=root, use_env=False)
-            L1 = cgroups.discover(None, Conf(), plugin="cgroup/v1", **kw)
-            L2 = cgroups.discover(None, Conf(), plugin="cgroup/v2", **kw)
+            L1 = cgroups.discover(Conf(), Conf(), plugin="cgroup/v1", **kw)
+            L2 = cgroups.discover(Conf(), Conf(), plugin="cgroup/v2", **kw)
             fake = fake_stepd(spool, stop)
             mine = cgroups.user_jobs(L1, UID)
             assert len(mine) == n - n // 10 and mine[0].job_id == n, (len(mine), n)

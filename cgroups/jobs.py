@@ -45,13 +45,13 @@ class Job:
     job_id, uid (owner or None if unknown on v2), start_time (ctime of the extern stepd socket
     = the job's start on this node), node, socket (path of the extern stepd socket),
     extern_cgroups ({controller: step_extern dir} on v1, {"": step_extern dir} on v2),
-    job_cgroups (same, job level); both computed on first access from ``layout``.
+    computed on first access from ``layout``.
     """
 
-    __slots__ = ("job_id", "uid", "start_time", "node", "socket", "layout", "_ext", "_jc")
+    __slots__ = ("job_id", "uid", "start_time", "node", "socket", "layout", "_ext")
 
     def __init__(self, job_id, uid, start_time, node, socket=None, extern_cgroups=None,
-                 job_cgroups=None, layout=None):
+                 layout=None):
         self.job_id = job_id
         self.uid = uid
         self.start_time = start_time
@@ -59,32 +59,18 @@ class Job:
         self.socket = socket
         self.layout = layout
         self._ext = extern_cgroups
-        self._jc = job_cgroups
-
-    def _paths(self, step):
-        L = self.layout
-        if L is None:
-            return {}
-        if L.version == 1:
-            if self.uid is None:
-                return {}
-            if step:
-                return {c: L.v1_step_dir(c, self.uid, self.job_id) for c in L.v1_mounts}
-            return {c: L.v1_job_dir(c, self.uid, self.job_id) for c in L.v1_mounts}
-        jd = L.v2_job_dir(self.job_id)
-        return {"": f"{jd}/step_extern" if step else jd}
 
     @property
     def extern_cgroups(self):
         if self._ext is None:
-            self._ext = self._paths(True)
+            L = self.layout
+            if L is None or (L.version == 1 and self.uid is None):
+                self._ext = {}
+            elif L.version == 1:
+                self._ext = {c: L.v1_step_dir(c, self.uid, self.job_id) for c in L.v1_mounts}
+            else:
+                self._ext = {"": f"{L.v2_job_dir(self.job_id)}/step_extern"}
         return self._ext
-
-    @property
-    def job_cgroups(self):
-        if self._jc is None:
-            self._jc = self._paths(False)
-        return self._jc
 
     def __repr__(self):
         return (f"Job(job_id={self.job_id}, uid={self.uid}, start_time={self.start_time}, "
@@ -112,8 +98,8 @@ _EXTERN_SUFFIX = "." + str(SLURM_EXTERN_CONT)
 def extern_socket_names(spool_dir, node):
     """``{job_id: socket_path}`` of names like ``<node>_<job>.4294967292`` (no stat calls).
 
-    Fast path of :func:`paths.parse_stepd_socket_name` for the one name shape we need (this
-    runs on every login: one listdir, string checks only)."""
+    This runs on every login: one listdir, string checks only; other steps' sockets
+    (``.<step>[.<het>]``), other nodes' (``<other>_``) and odd names are skipped."""
     try:
         names = os.listdir(spool_dir)
     except (FileNotFoundError, NotADirectoryError):
@@ -137,17 +123,6 @@ def _socket_ctime(path):
     except FileNotFoundError:
         return None
     return st.st_ctime if _stat.S_ISSOCK(st.st_mode) else None
-
-
-def extern_sockets(spool_dir, node):
-    """``{job_id: (socket_path, ctime)}`` of the extern stepd sockets of ``node``
-    (``<node>_<job>.4294967292``) in ``spool_dir``. Non-sockets are ignored."""
-    out = {}
-    for jid, path in extern_socket_names(spool_dir, node).items():
-        ct = _socket_ctime(path)
-        if ct is not None:
-            out[jid] = (path, ct)
-    return out
 
 
 def _subdirs(path):
@@ -262,82 +237,114 @@ def list_jobs(layout, uid=None, *, owner_resolver=None, stepd="fallback", verify
     if stepd not in STEPD_MODES:
         raise ValueError(f"stepd must be one of {STEPD_MODES}, not {stepd!r}")
     socks = extern_socket_names(layout.spool_dir, layout.nodename)
-    jobs, problems = [], []
     if not socks:
         return JobList()
-    node = layout.nodename
+    problems = []
     asker = _StepdAsker(stepd_timeout, stepd_budget, problems) \
         if (verify_owner or (stepd != "never" and layout.version == 2)) else None
     if layout.version == 1:
-        # Cross-check: the job directory must exist under uid_<U> in the tracking
-        # controller (slurmstepd creates job_<J> and its step_extern together; a missing
-        # step_extern is reported as JobGone by adopt()). One listing per user, no per-job stat
-        # besides the socket's.
-        base = layout.v1_base(layout.track)
-        if uid is not None:
-            owners = {uid: _subdirs(f"{base}/uid_{uid}") or ()}
-        else:
-            owners = {}
-            for d in _subdirs(base) or ():
-                if d.startswith("uid_") and _p._dec(d[4:]):
-                    owners[int(d[4:])] = _subdirs(f"{base}/{d}") or ()
-        seen = set()
-        get = socks.get
-        for u, jdirs in owners.items():
-            for d in jdirs:
-                j = d[4:]
-                if not (d.startswith("job_") and 0 < len(j) <= 10 and j.isdigit()
-                        and j.isascii()):
-                    continue
-                jid = int(j)
-                spath = get(jid)
-                if spath is None:
-                    continue
-                seen.add(jid)
-                ctime = _socket_ctime(spath)
-                if ctime is None:
-                    continue                      # the job ended meanwhile
-                if verify_owner and not _verified(asker, jid, spath, u, problems):
-                    continue
-                jobs.append(Job(jid, u, ctime, node, spath, layout=layout))
-        if uid is None:
-            for jid in socks.keys() - seen:
-                problems.append(f"job {jid}: extern stepd socket {socks[jid]} has no job "
-                                f"cgroup under {base} (stale socket or job ending)")
+        jobs = _v1_jobs(layout, uid, socks, asker if verify_owner else None, problems)
     else:
-        scope = layout.v2_scope_dir()
-        dirs = set(_subdirs(scope) or ())
-        sluids = sorted(d for d in dirs if _p.is_sluid(d))
-        for jid, spath in socks.items():
-            jdir = f"{scope}/job_{jid}"
-            if f"job_{jid}" not in dirs or not os.path.isdir(f"{jdir}/step_extern"):
-                if sluids:
-                    problems.append(
-                        f"job {jid}: no {jdir}/step_extern but {scope} holds SLUID-named job "
-                        f"directories ({', '.join(sluids[:3])}...): Slurm 26.05+ without "
-                        f"CgroupJobIdPaths=yes in cgroup.conf; set it so job ids can be mapped")
-                else:
-                    problems.append(f"job {jid}: extern stepd socket present but {jdir}/"
-                                    f"step_extern does not exist (stale socket or job ending)")
-                continue
-            owner = from_stepd = None
-            if stepd != "always":
-                owner = v2_owner_from_tasks(jdir)
-            if owner is None and stepd != "never":
-                owner = from_stepd = asker.uid(jid, spath)
-            if owner is None and owner_resolver is not None:
-                owner = owner_resolver(layout, jid)
-            if uid is not None and owner != uid:
-                continue
-            ctime = _socket_ctime(spath)
-            if ctime is None:
-                continue
-            if verify_owner and from_stepd is None and \
-                    not _verified(asker, jid, spath, owner, problems):
-                continue
-            jobs.append(Job(jid, owner, ctime, node, spath, layout=layout))
+        owners = _V2Owners(stepd, asker, owner_resolver)
+        jobs = _v2_jobs(layout, uid, socks, owners, verify_owner, problems)
     jobs.sort(key=lambda j: (j.start_time, j.job_id), reverse=True)
     return JobList(jobs, problems)
+
+
+def _job_number(d):
+    """'job_<J>' -> J, else None (string checks only: this runs per job at every login)."""
+    j = d[4:]
+    if d.startswith("job_") and 0 < len(j) <= 10 and j.isdigit() and j.isascii():
+        return int(j)
+    return None
+
+
+def _v1_owner_dirs(base, uid):
+    """{uid: [names under uid_<U>]} in the tracking controller (one listing per user)."""
+    if uid is not None:
+        return {uid: _subdirs(f"{base}/uid_{uid}") or ()}
+    return {int(d[4:]): _subdirs(f"{base}/{d}") or ()
+            for d in _subdirs(base) or () if d.startswith("uid_") and _p._dec(d[4:])}
+
+
+def _v1_jobs(layout, uid, socks, verifier, problems):
+    """v1: a job is listed when its socket exists and ``uid_<U>/job_<J>`` exists in the
+    tracking controller (slurmstepd creates it with step_extern; a missing step_extern is
+    adopt()'s JobGone). The owner is U; ``verifier`` (a _StepdAsker) cross-checks it."""
+    base = layout.v1_base(layout.track)
+    jobs, seen = [], set()
+    for owner, names in _v1_owner_dirs(base, uid).items():
+        for d in names:
+            jid = _job_number(d)
+            spath = socks.get(jid) if jid is not None else None
+            if spath is None:
+                continue
+            seen.add(jid)
+            ctime = _socket_ctime(spath)
+            if ctime is None:
+                continue                          # the job ended meanwhile
+            if verifier is not None and not _verified(verifier, jid, spath, owner, problems):
+                continue
+            jobs.append(Job(jid, owner, ctime, layout.nodename, spath, layout=layout))
+    if uid is None:
+        for jid in socks.keys() - seen:
+            problems.append(f"job {jid}: extern stepd socket {socks[jid]} has no job "
+                            f"cgroup under {base} (stale socket or job ending)")
+    return jobs
+
+
+class _V2Owners:
+    """v2 owner of a job directory from the sources ``stepd`` selects (module docstring).
+    ``owner(layout, job_id, job_dir, socket)`` returns ``(uid or None, whether the stepd
+    told it)``."""
+
+    __slots__ = ("stepd", "asker", "resolver")
+
+    def __init__(self, stepd, asker, resolver):
+        self.stepd, self.asker, self.resolver = stepd, asker, resolver
+
+    def owner(self, layout, jid, jdir, spath):
+        uid = v2_owner_from_tasks(jdir) if self.stepd != "always" else None
+        asked = False
+        if uid is None and self.stepd != "never":
+            uid = self.asker.uid(jid, spath)
+            asked = uid is not None
+        if uid is None and self.resolver is not None:
+            uid = self.resolver(layout, jid)
+        return uid, asked
+
+
+def _v2_missing_dir(jid, jdir, scope, sluids):
+    """The problem note for a socket whose job has no ``job_<J>/step_extern``."""
+    if sluids:
+        return (f"job {jid}: no {jdir}/step_extern but {scope} holds SLUID-named job "
+                f"directories ({', '.join(sluids[:3])}...): Slurm 26.05+ without "
+                f"CgroupJobIdPaths=yes in cgroup.conf; set it so job ids can be mapped")
+    return (f"job {jid}: extern stepd socket present but {jdir}/step_extern does not exist "
+            f"(stale socket or job ending)")
+
+
+def _v2_jobs(layout, uid, socks, owners, verify_owner, problems):
+    scope = layout.v2_scope_dir()
+    dirs = set(_subdirs(scope) or ())
+    sluids = sorted(d for d in dirs if _p.is_sluid(d))
+    jobs = []
+    for jid, spath in socks.items():
+        jdir = f"{scope}/job_{jid}"
+        if f"job_{jid}" not in dirs or not os.path.isdir(f"{jdir}/step_extern"):
+            problems.append(_v2_missing_dir(jid, jdir, scope, sluids))
+            continue
+        owner, asked = owners.owner(layout, jid, jdir, spath)
+        if uid is not None and owner != uid:
+            continue
+        ctime = _socket_ctime(spath)
+        if ctime is None:
+            continue
+        if verify_owner and not asked and \
+                not _verified(owners.asker, jid, spath, owner, problems):
+            continue
+        jobs.append(Job(jid, owner, ctime, layout.nodename, spath, layout=layout))
+    return jobs
 
 
 def _verified(asker, jid, spath, owner, problems):

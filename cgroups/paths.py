@@ -1,15 +1,12 @@
-"""Pure logic: /proc/PID/cgroup parsing, Slurm path recognition, stepd socket names, mount
-table parsing, hostlists, the "newest" rule. No I/O here (see jobs.py / adopt.py / layout.py).
+"""Pure logic: /proc/PID/cgroup parsing, Slurm path recognition, mount table parsing,
+hostlists, %n/%h expansion, the "newest" rule (the project's one definition of it: every
+package that picks among several jobs uses :func:`newest`). No I/O here.
 """
 from .errors import CgroupError
 
-# Slurm's special step ids (slurm.h): they appear numerically in stepd socket names.
-SLURM_PENDING_STEP = 0xFFFFFFFD
+# The extern step's id (slurm.h SLURM_EXTERN_CONT): it appears numerically in the name of
+# its stepd socket <spool>/<node>_<job>.4294967292.
 SLURM_EXTERN_CONT = 0xFFFFFFFC      # 4294967292
-SLURM_BATCH_SCRIPT = 0xFFFFFFFB     # 4294967291
-SLURM_INTERACTIVE_STEP = 0xFFFFFFFA  # 4294967290
-_SPECIAL_STEPS = {SLURM_EXTERN_CONT: "extern", SLURM_BATCH_SCRIPT: "batch",
-                  SLURM_INTERACTIVE_STEP: "interactive", SLURM_PENDING_STEP: "pending"}
 
 MAX_PROC_CGROUP_CHARS = 1 << 20   # /proc/PID/cgroup is a few hundred bytes; refuse more
 
@@ -78,10 +75,6 @@ class JobRef:
         self.cgroup = cgroup
         self.controller = controller
 
-    @property
-    def is_extern(self):
-        return self.step == "extern"
-
     def _key(self):
         return tuple(getattr(self, s) for s in self.__slots__)
 
@@ -102,16 +95,6 @@ class JobRef:
             j = f"job {self.job_id}"
         s = f" step {self.step}" if self.step else ""
         return f"{j}{s} ({self.cgroup})"
-
-
-def split_step(step):
-    """'extern' -> ('extern', None, None); '3' -> ('numbered', 3, None); '0+1' -> ('het', 0, 1)."""
-    if step in ("extern", "batch", "interactive"):
-        return step, None, None
-    a, _, b = step.partition("+")
-    if b:
-        return "het", int(a), int(b)
-    return "numbered", int(a), None
 
 
 def parse_proc_cgroup(text):
@@ -228,25 +211,6 @@ def job_from_proc_cgroup(text, node=None):
             continue
         return JobRef(cgroup=path, controller=ctrls, **f)
     return None
-
-
-def parse_stepd_socket_name(name, node):
-    """``<node>_<job>.<step>[.<het>]`` -> ``(job_id, step_id, het)`` or None (pure)."""
-    pre = node + "_"
-    if not name.startswith(pre):
-        return None
-    f = name[len(pre):].split(".")
-    if not 2 <= len(f) <= 3 or not all(_dec(x) for x in f):
-        return None
-    return int(f[0]), int(f[1]), (int(f[2]) if len(f) == 3 else None)
-
-
-def step_name(step_id, het=None):
-    """Numeric stepd step id -> cgroup step string ("extern", "batch", "3", "3+1")."""
-    s = _SPECIAL_STEPS.get(step_id)
-    if s is None:
-        s = str(step_id)
-    return s if het is None else f"{s}+{het}"
 
 
 def _unescape_mount(s):

@@ -126,28 +126,28 @@ def test_hypothesis_structured_paths(comps, ctrl):
         assert ("job_4" in comps) or ("sABCDEFGHJK" in comps)
 
 
-def test_split_step_and_names():
-    assert P.split_step("extern") == ("extern", None, None)
-    assert P.split_step("7") == ("numbered", 7, None)
-    assert P.split_step("0+1") == ("het", 0, 1)
-    assert P.step_name(4294967292) == "extern" and P.step_name(4294967291) == "batch"
-    assert P.step_name(4294967290) == "interactive" and P.step_name(3, 1) == "3+1"
-
-
 @pytest.mark.parametrize("name,node,want", [
-    ("node2_16.4294967292", "node2", (16, 4294967292, None)),
-    ("node2_16.0", "node2", (16, 0, None)),
-    ("node2_16.0.1", "node2", (16, 0, 1)),
-    ("a_b_5.4294967292", "a_b", (5, 4294967292, None)),
-    ("node22_16.4294967292", "node2", None),
+    ("node2_16.4294967292", "node2", 16),
+    ("a_b_5.4294967292", "a_b", 5),
+    ("node2_16.0", "node2", None),                 # a numbered step's socket
+    ("node2_16.0.1", "node2", None),               # a het step's socket
+    ("node2_16.4294967291", "node2", None),        # batch
+    ("node22_16.4294967292", "node2", None),       # another node's
+    ("a_b_5.4294967292", "a", None),               # node "a" next to node "a_b"
     ("node2_16", "node2", None),
     ("node2_x.4294967292", "node2", None),
+    ("node2_.4294967292", "node2", None),
+    ("node2_12345678901.4294967292", "node2", None),
+    ("node2_\u0661.4294967292", "node2", None),    # a non-ASCII digit
     ("node2_16.4294967292.ALT", "node2", None),
-    ("node2_16.1.2.3", "node2", None),
     ("cred_state", "node2", None),
 ])
-def test_stepd_socket_names(name, node, want):
-    assert P.parse_stepd_socket_name(name, node) == want
+def test_extern_socket_names(tmp_path, name, node, want):
+    """The login path's string-only listing of extern stepd sockets."""
+    from cgroups.jobs import extern_socket_names
+    (tmp_path / name).touch()
+    got = extern_socket_names(str(tmp_path), node)
+    assert got == ({want: f"{tmp_path}/{name}"} if want is not None else {})
 
 
 def test_parse_mounts():
