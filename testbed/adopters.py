@@ -43,7 +43,7 @@ def use_pam_callerid(cluster, *, port: int = 6820, auth: str = "munge", daemon_h
     root = Path(__file__).resolve().parents[1]
     work = cluster.state / "callerid"
     work.mkdir(mode=0o755, exist_ok=True)
-    so = work / "pam_callerid.so"
+    so = installed_module() if use_installed() else work / "pam_callerid.so"
     if not so.exists():
         from pam_callerid.build import build
         build(str(work))
@@ -68,11 +68,51 @@ def use_pam_callerid(cluster, *, port: int = 6820, auth: str = "munge", daemon_h
     for h in (cluster.nodes + ["login"]) if daemon_hosts is None else daemon_hosts:
         if "callerid" in cluster.hosts[h].daemons:
             continue
-        cluster.start_daemon(h, "callerid", [sys.executable, "-m", "pam_callerid.cli", "--config",
-                                             str(conf), "daemon"],
-                             env={"PYTHONPATH": str(root)},
+        if use_installed():
+            argv, env = installed_daemon_argv(conf), {}
+        else:
+            argv = [sys.executable, "-m", "pam_callerid.cli", "--config", str(conf), "daemon"]
+            env = {"PYTHONPATH": str(root)}
+        cluster.start_daemon(h, "callerid", argv, env=env,
                              wait_for=lambda h=h: cluster.exec(h, [sys.executable, "-c", probe]).ok)
     return audit
+
+
+# ---- issue 12 (helper F): the INSTALLED package instead of this checkout. packaging/run's
+# package phase installs the .deb and sets CALLERID_USE_INSTALLED=1: use_pam_callerid then
+# puts the PAM module the package installed into the stacks and runs /usr/sbin/callerid,
+# with exactly the capability bounding set of the package's systemd unit (setpriv; the test
+# bed has no systemd) and no new privileges, so the scenarios also prove the unit's set.
+INSTALLED_CALLERID = "/usr/sbin/callerid"
+INSTALLED_UNIT = "/lib/systemd/system/callerid.service"
+
+
+def use_installed() -> bool:
+    import os
+    return os.environ.get("CALLERID_USE_INSTALLED") == "1"
+
+
+def installed_module() -> Path:
+    import subprocess
+    files = subprocess.run(["dpkg-query", "-L", "slurm-callerid"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    return Path(next(f for f in files if f.endswith("/security/pam_callerid.so")))
+
+
+def unit_capabilities(unit_text: str) -> list[str]:
+    """CapabilityBoundingSet= of a unit, as setpriv's names (sys_ptrace, ...)."""
+    caps = []
+    for line in unit_text.splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            caps += [c.lower().removeprefix("cap_") for c in line.split("=", 1)[1].split()]
+    return caps
+
+
+def installed_daemon_argv(conf) -> list[str]:
+    caps = unit_capabilities(Path(INSTALLED_UNIT).read_text())
+    assert caps, f"{INSTALLED_UNIT} has no CapabilityBoundingSet"
+    return ["setpriv", "--bounding-set", "-all," + ",".join("+" + c for c in caps),
+            "--no-new-privs", INSTALLED_CALLERID, "--config", str(conf), "daemon"]
 
 
 def stop_pam_callerid(cluster) -> None:

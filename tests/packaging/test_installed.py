@@ -125,3 +125,68 @@ def test_check_lists_each_broken_piece(cluster, healthy):
     assert r.rc == 1
     assert re.search(r"^  FAIL\s+daemon\s.*no answer", r.out, re.M), r.out
     assert re.search(r"^  FAIL\s+pam-socket\s", r.out, re.M), r.out
+
+
+# ------------------------------------------------------------------ what the scenarios run
+UNIT_CAPS = (1 << 19) | (1 << 1) | (1 << 2) | (1 << 10)   # sys_ptrace dac_override
+#                                                           dac_read_search net_bind_service
+
+
+def daemon_pid(cluster, host):
+    from testbed.cluster import _children_tree
+    for pid in _children_tree(cluster.hosts[host].daemons["callerid"].pid):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"/usr/sbin/callerid" in argv and b"daemon" in argv:
+            return pid
+    raise AssertionError("no /usr/sbin/callerid daemon process on " + host)
+
+
+@pytest.mark.cluster
+def test_scenario_daemons_run_the_installed_package_with_the_units_capabilities(fresh):
+    from testbed.adopters import installed_module, stop_pam_callerid, use_pam_callerid
+    use_pam_callerid(fresh, daemon_hosts=["node1"])
+    try:
+        status = open(f"/proc/{daemon_pid(fresh, 'node1')}/status").read()
+        assert int(re.search(r"^CapBnd:\s*(\w+)", status, re.M)[1], 16) == UNIT_CAPS
+        assert re.search(r"^NoNewPrivs:\s*1", status, re.M)
+        assert str(installed_module()).startswith("/lib/") or \
+            str(installed_module()).startswith("/usr/lib/")
+        job = fresh.sbatch("alice", nodes=["node1"])
+        r = fresh.ssh("alice", "login", "node1", "cat /proc/self/cgroup")
+        assert r.rc == 0 and f"/job_{job}/step_extern" in r.out, r.out + r.err
+    finally:
+        stop_pam_callerid(fresh)
+
+
+@pytest.mark.cluster
+def test_metrics_count_real_logins(fresh):
+    from testbed.adopters import stop_pam_callerid, use_pam_callerid
+    d = fresh.state / "metrics"
+    d.mkdir(mode=0o755, exist_ok=True)
+    prom = d / "callerid.prom"
+    use_pam_callerid(fresh, daemon_hosts=["node1"],
+                     extra_conf=f"MetricsFile={prom}\nMetricsInterval=1\n")
+    try:
+        fresh.sbatch("alice", nodes=["node1"])
+        for _ in range(2):
+            assert fresh.ssh("alice", "login", "node1", "true").rc == 0
+        want = re.compile(r'^callerid_pam_decisions_total\{[^}]*path="single"[^}]*\} (\d+)', re.M)
+        import time
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            m = want.search(prom.read_text()) if prom.exists() else None
+            if m and float(m[1]) >= 2:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("metrics never counted the logins:\n" +
+                        (prom.read_text() if prom.exists() else "(no file)"))
+        text = prom.read_text()
+        assert 'callerid_build_info{version="' in text
+        assert "callerid_pam_decision_seconds_bucket" in text
+        assert "callerid_server_answers_total" in text or "callerid_server_events_total" in text
+    finally:
+        stop_pam_callerid(fresh)
