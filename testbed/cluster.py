@@ -17,6 +17,12 @@ copies of /etc/{passwd,group,shadow,hosts}, /etc/slurm and /etc/pam.d over the r
 the test users exist only inside the test bed. Teardown (also of a stale earlier run of the
 same prefix) kills every process living in one of our network namespaces, removes the
 slurm_<node> cgroups the slurmds made, the veths, namespaces and the bridge, and the state dir.
+
+The platform (platforms.Platform) picks the Slurm release (22.05 from Debian 12, or 24.11 from
+Debian 13 through its own loader: trixie.py), cgroup v1 or v2 (cgroup2.py), job_container/tmpfs,
+configless slurmd and slurmdbd accounting (accounting.py). The state dir is not under /tmp:
+job_container/tmpfs gives every job a private /tmp, and the job's script, spool and the
+users' homes live in the state dir.
 """
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import accounting, cgroup2, mntns, trixie
+from .platforms import ACCOUNTING_PACKAGES, DEFAULT, Platform
 
 HERE = Path(__file__).resolve().parent
 EXTERN_STEP = 4294967292
@@ -91,26 +100,44 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def ensure_packages() -> None:
-    """Install the Debian packages the test bed needs (no-op when present)."""
-    missing = [p for p in PACKAGES if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode]
+def missing_packages(packages: list[str]) -> list[str]:
+    return [p for p in packages if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode]
+
+
+def ensure_packages(packages: list[str] = PACKAGES) -> None:
+    """Install the Debian packages the test bed needs (no-op when present). No service is
+    started (a policy-rc.d denying starts is in place meanwhile), and the empty /run/mysqld
+    mariadb-server's postinst makes is removed again."""
+    missing = missing_packages(packages)
     if not missing:
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    _run(["apt-get", "update", "-q"], timeout=600, env=env)
-    _run(["apt-get", "install", "-y", "-q", *missing], timeout=1200, env=env)
+    policy, run_mysqld = Path("/usr/sbin/policy-rc.d"), Path("/run/mysqld")
+    ours, had_run_mysqld = not policy.exists(), run_mysqld.exists()
+    if ours:
+        policy.write_text("#!/bin/sh\n# slurm-callerid test bed install: start no services\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        _run(["apt-get", "update", "-q"], timeout=600, env=env)
+        _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], timeout=1200, env=env)
+    finally:
+        if ours:
+            policy.unlink(missing_ok=True)
+        if not had_run_mysqld and run_mysqld.is_dir():
+            shutil.rmtree(run_mysqld, ignore_errors=True)
 
 
 class Cluster:
     """Bring up with `up()`, tear down with `down()` (idempotent, also for stale runs)."""
 
     def __init__(self, nodes: int = 3, prefix: str = "cid", subnet: int = 3,
-                 state_dir: str | None = None, node_prefix: str = "node"):
+                 state_dir: str | None = None, node_prefix: str = "node", platform: Platform = DEFAULT):
         if not (1 <= nodes <= 9):
             raise ValueError("1..9 nodes")
         self.prefix = prefix
+        self.platform = platform
         self.bridge = f"{prefix}br0"
-        self.state = Path(state_dir or f"/tmp/{prefix}-testbed")
+        self.state = Path(state_dir or f"/var/tmp/{prefix}-testbed")
         self.node_names = [f"{node_prefix}{i}" for i in range(1, nodes + 1)]
         net4, net6 = f"10.199.{subnet}", f"fd42:199:{subnet}"
         self.hosts: dict[str, Host] = {"ctl": Host("ctl", f"{net4}.250", f"{net6}::250", "ctl")}
@@ -120,6 +147,8 @@ class Cluster:
         self.users = [User("alice", 2001, "alice-pw-1"), User("bob", 2002, "bob-pw-2")]
         self.munge_socket = self.state / "munge" / "munge.socket.2"
         self.bringup_seconds = None
+        self.bringup_parts: dict[str, float] = {}
+        self._slurm24: trixie.Tree | None = None
         self._atexit = False
         self._pam = {}
         self._lockfd = None
@@ -172,6 +201,10 @@ class Cluster:
     def logs(self) -> Path:
         return self.state / "logs"
 
+    @property
+    def cluster_name(self) -> str:
+        return CLUSTER_NAME
+
     # ---------------------------------------------------------------- bring-up
     def up(self) -> "Cluster":
         if os.geteuid() != 0:
@@ -179,7 +212,9 @@ class Cluster:
         self._lock()
         t0 = time.monotonic()
         self.down(unlock=False)  # a stale run of ours (same prefix) is cleaned first
-        ensure_packages()
+        ensure_packages(PACKAGES + (ACCOUNTING_PACKAGES if self.platform.accounting else []))
+        if self.platform.slurm == "24.11":
+            self._slurm24 = trixie.tree()   # downloaded by the install step, never here
         if not self._atexit:
             atexit.register(self.down)
             self._atexit = True
@@ -205,7 +240,8 @@ class Cluster:
         os.chmod(st, 0o755)
         os.chmod(st / "jobs", 0o1777)
         (st / "meta.json").write_text(json.dumps({"nodes": self.node_names, "bridge": self.bridge,
-                                                   "prefix": self.prefix, "hosts": list(self.hosts)}))
+                                                   "prefix": self.prefix, "hosts": list(self.hosts),
+                                                   "platform": self.platform.label}))
         # host key shared by every node sshd, and known_hosts for the users
         key = st / "etc" / "ssh_host_ed25519_key"
         if not key.exists():
@@ -254,10 +290,12 @@ class Cluster:
         nodelines = "\n".join(
             f"NodeName={n} NodeAddr={self.hosts[n].ip4} CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 "
             f"ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN" for n in self.node_names)
-        (st / "etc/slurm/slurm.conf").write_text(SLURM_CONF.format(
-            st=st, ctl_ip=self.hosts["ctl"].ip4, munge=self.munge_socket, nodelines=nodelines,
+        (st / "etc/slurm/slurm.conf").write_text(slurm_conf(
+            self.platform, st=st, ctl_ip=self.hosts["ctl"].ip4, munge=self.munge_socket, nodelines=nodelines,
             nodelist=",".join(self.node_names)))
-        (st / "etc/slurm/cgroup.conf").write_text(CGROUP_CONF)
+        (st / "etc/slurm/cgroup.conf").write_text(cgroup_conf(self.platform))
+        if self.platform.job_container:
+            (st / "etc/slurm/job_container.conf").write_text(job_container_conf(self.node_names))
         (st / "etc/sshd_config").write_text(SSHD_CONFIG.format(key=key))
         os.chown(st / "ctld", _uid("slurm"), _gid("slurm"))
         for h in self.hosts:
@@ -268,12 +306,31 @@ class Cluster:
             up = hd / "etc.upper"
             (up / "pam.d").mkdir(parents=True)
             (hd / "etc.work").mkdir()
-            shutil.copytree(st / "etc" / "slurm", up / "slurm")
+            if self.platform.configless and h in self.node_names:
+                _slurm_dir_without_conf(up / "slurm", [f.name for f in (st / "etc/slurm").iterdir()])
+            else:
+                shutil.copytree(st / "etc" / "slurm", up / "slurm")
             for f in ("passwd", "group", "shadow", "hosts"):
                 shutil.copy2(st / "etc" / f, up / f)
             (hd / "spool").mkdir(exist_ok=True)
         for n in self.node_names:
             self.set_pam(n, account=[], session=[])
+        if self.platform.accounting:
+            accounting.write_files(self)
+        if self._slurm24:
+            wrappers = self.state / "slurm24"
+            wrappers.mkdir(mode=0o755, exist_ok=True)
+            for target in self._slurm24.targets():
+                w = wrappers / Path(target).name
+                w.write_text(self._slurm24.wrapper(target))
+                w.chmod(0o755)
+        if self.platform.cgroup == 2:
+            cgroup2.build_shim(self.shim)
+
+    @property
+    def shim(self) -> Path:
+        """The hybrid-host LD_PRELOAD shim of cgroup v2 platforms (compiled at bring-up)."""
+        return self.state / "unified_only.so"
 
     def _start_network(self) -> None:
         _run(["ip", "link", "add", self.bridge, "type", "bridge"])
@@ -290,27 +347,68 @@ class Cluster:
             _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
 
+    def _v2(self, host: str) -> bool:
+        """Does `host` run in its own cgroup2 subtree and cgroup namespace (cgroup2.py)?"""
+        return self.platform.cgroup == 2 and host in self.node_names
+
     def _start_host(self, name: str) -> None:
         hd = self.hostdir(name)
-        (hd / "holder.pid").unlink(missing_ok=True)
         if not (hd / "devlog.sock").exists():
             (hd / "devlog.sock").touch()
+        argv = ["nsenter", f"--net=/run/netns/{self.netns(name)}", "--", "unshare", "--uts", "--mount",
+                "--propagation", "private", "--", "/bin/sh", str(HERE / "node_init.sh"), name, str(self.state)]
+        if self._v2(name):
+            cg = cgroup2.prepare(self.prefix, name)
+            argv = ["/bin/sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh",
+                    *argv[:4], "--cgroup", *argv[4:], "cgroup2"]
+        if self.platform.job_container and name in self.node_names:
+            self._start_holder_oldest_mntns(name, argv)
+        else:
+            self._start_holder(name, argv)
+        if self._slurm24:
+            self._bind_slurm24(name)
+        if self.platform.configless and name in self.node_names:
+            # a configless slurmd asks for its configuration before it knows AuthInfo: munge
+            # at its default place in the host's private /run, as on a real node
+            self.exec(name, ["/bin/sh", "-ec", f"mkdir -p /run/munge; ln -s {self.munge_socket} "
+                             "/run/munge/munge.socket.2"], check=True)
+
+    def _start_holder(self, name: str, argv: list[str]) -> int:
+        hd = self.hostdir(name)
+        (hd / "holder.pid").unlink(missing_ok=True)
         log = open(self.logs / f"holder-{name}.log", "ab")
-        subprocess.Popen(["nsenter", f"--net=/run/netns/{self.netns(name)}", "--", "unshare", "--uts", "--mount",
-                          "--propagation", "private", "--", "/bin/sh", str(HERE / "node_init.sh"), name,
-                          str(self.state)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                         start_new_session=True)
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         log.close()
         for _ in range(100):
             try:
                 pid = int((hd / "holder.pid").read_text())
                 if _alive(pid):
                     self.hosts[name].holder = pid
-                    return
+                    return pid
             except (FileNotFoundError, ValueError):
                 pass
             time.sleep(0.02)
         raise TestbedError(f"host {name} did not come up: {(self.logs / f'holder-{name}.log').read_text()[-800:]}")
+
+    def _start_holder_oldest_mntns(self, name: str, argv: list[str], tries: int = 5) -> None:
+        """A job_container node's mount namespace must be older (by id) than every namespace
+        its slurmstepds make later (mntns.py: per-CPU ids on Linux 6.18)."""
+        for _ in range(tries):
+            cpu = mntns.lowest_cpu()
+            pid = self._start_holder(name, ["taskset", "-c", str(cpu), *argv] if cpu is not None else argv)
+            if mntns.is_oldest(f"/proc/{pid}/ns/mnt"):
+                return
+            os.kill(pid, signal.SIGKILL)     # sleep infinity: its namespace goes with it
+            self.hosts[name].holder = None
+        raise TestbedError(f"host {name}: no mount namespace with an id below every CPU's next one in {tries} tries")
+
+    def _bind_slurm24(self, host: str) -> None:
+        """In `host`'s own mount namespace: trixie's plugin dir over Debian's, and a wrapper
+        over every Slurm program (trixie.py)."""
+        t = self._slurm24
+        cmds = [f"mount -o bind,ro {t.root}{trixie.PLUGIN_DIR} {trixie.PLUGIN_DIR}"]
+        cmds += [f"mount --bind {self.state / 'slurm24' / Path(target).name} {target}" for target in t.targets()]
+        self.exec(host, ["/bin/sh", "-ec", "\n".join(cmds)], check=True)
 
     def _start_munge_and_syslog(self) -> None:
         m = self.state / "munge"
@@ -339,16 +437,47 @@ class Cluster:
         raise TestbedError("syslog sink did not come up")
 
     def _start_slurm(self) -> None:
+        if self.platform.accounting:
+            t = time.monotonic()
+            self.bringup_parts.update(accounting.start(self))
+            self.bringup_parts["accounting"] = time.monotonic() - t
         (self.logs / "slurmctld.log").touch()
         os.chown(self.logs / "slurmctld.log", _uid("slurm"), _gid("slurm"))
         r = self.exec("ctl", ["/usr/sbin/slurmctld", "-c"])
         if r.rc:
             raise TestbedError(f"slurmctld: {r.err} {self._tail('slurmctld.log')}")
         for n in self.node_names:
-            r = self.exec(n, ["/usr/sbin/slurmd"])
+            r = self.exec(n, self._slurmd_argv(n))
             if r.rc:
-                raise TestbedError(f"slurmd on {n}: {r.err} {self._tail(f'slurmd-{n}.log')}")
+                raise TestbedError(f"slurmd on {n}: {r.err} {self._tail(f'slurmd-{n}.log', 4000)}")
+            if self.platform.configless:
+                self._check_configless(n)
             self._start_sshd(n)
+
+    def _slurmd_argv(self, node: str) -> list[str]:
+        argv = ["/usr/sbin/slurmd"]
+        if self.platform.configless:
+            # -N: slurmd expands %n in SlurmdSpoolDir (where it caches the fetched configs)
+            # before it knows its node name from the config (src/slurmd/slurmd/slurmd.c,
+            # _establish_configuration(), slurm-22-05-8-1 and slurm-24-11-5-1)
+            argv += ["--conf-server", "ctl", "-N", node]
+        if self._v2(node):
+            argv = ["env", f"LD_PRELOAD={self.shim}", *argv]
+        return argv
+
+    def _check_configless(self, node: str, timeout: float = 30) -> None:
+        """A configless slurmd has no slurm.conf in /etc/slurm and the fetched one in its cache
+        (<SlurmdSpoolDir>/conf-cache, which /run/slurm/conf links to). 24.11 fetches it after
+        it has daemonized."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            r = self.exec(node, ["/bin/sh", "-c", "test ! -e /etc/slurm/slurm.conf && test -f /run/slurm/conf/slurm.conf"])
+            if r.ok and (self.spool(node) / "conf-cache" / "slurm.conf").is_file():
+                return
+            time.sleep(0.1)
+        r = self.exec(node, ["ls", "-l", "/etc/slurm", "/run/slurm", str(self.spool(node))])
+        raise TestbedError(f"slurmd on {node} is not configless after {timeout}s: {r.out!r} {r.err!r} "
+                           f"{self._tail(f'slurmd-{node}.log', 2000)}")
 
     def _start_sshd(self, n: str) -> None:
         r = self.exec(n, ["/usr/sbin/sshd", "-f", str(self.state / "etc/sshd_config"),
@@ -385,11 +514,15 @@ class Cluster:
     def _argv(self, host: str, argv, user: str | None) -> list[str]:
         pre = ["nsenter", "-t", str(self._holder(host)), "-n", "-u", "-m", "--"]
         if user is None:
-            return pre + ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8"] + list(argv)
-        u = self.user(user)
-        return pre + ["setpriv", f"--reuid={u.uid}", f"--regid={u.gid}", "--init-groups", "--reset-env",
-                      "env", f"HOME={self.state / 'home' / u.name}", f"USER={u.name}", f"LOGNAME={u.name}",
-                      "PATH=/usr/bin:/bin", "LANG=C.UTF-8"] + list(argv)
+            cmd = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8"] + list(argv)
+        else:
+            u = self.user(user)
+            cmd = ["setpriv", f"--reuid={u.uid}", f"--regid={u.gid}", "--init-groups", "--reset-env",
+                   "env", f"HOME={self.state / 'home' / u.name}", f"USER={u.name}", f"LOGNAME={u.name}",
+                   "PATH=/usr/bin:/bin", "LANG=C.UTF-8"] + list(argv)
+        if self._v2(host):
+            return cgroup2.prefix_argv(self.prefix, host, pre, cmd)
+        return pre + cmd
 
     def exec(self, host: str, argv, user: str | None = None, timeout: float = 60, check: bool = False,
              input: str | None = None) -> Result:
@@ -448,12 +581,45 @@ class Cluster:
         (the socket appears slightly before the cgroup)."""
         if not (self.spool(node) / f"{node}_{job}.{EXTERN_STEP}").is_socket():
             return False
-        for procs in Path(f"/sys/fs/cgroup/freezer/slurm_{node}").glob(f"uid_*/job_{job}/step_extern/cgroup.procs"):
+        if self._v2(node):  # the placeholder sits in a leaf below user/ (task_special or task_0)
+            leaves = (self.scope_dir(node) / f"job_{job}" / "step_extern" / "user").glob("*/cgroup.procs")
+        else:
+            leaves = Path(f"/sys/fs/cgroup/freezer/slurm_{node}").glob(f"uid_*/job_{job}/step_extern/cgroup.procs")
+        for procs in leaves:
             try:
-                return bool(procs.read_text().strip())
+                if procs.read_text().strip():
+                    return True
             except OSError:
-                return False
+                pass
         return False
+
+    # -- where jobs live in the cgroup tree (v1: the freezer hierarchy; v2: the unified one)
+    def scope_dir(self, node: str) -> Path:
+        """v2: the node's Slurm scope as seen from the root namespace."""
+        return cgroup2.node_dir(self.prefix, node) / "system.slice" / f"{node}_slurmstepd.scope"
+
+    @property
+    def job_cgroup_cmd(self) -> str:
+        """A shell command printing the /proc/self/cgroup line that tells the job (parse it with
+        `split(":", 2)[2]`)."""
+        return "grep ^0:: /proc/self/cgroup" if self.platform.cgroup == 2 else "grep :freezer: /proc/self/cgroup"
+
+    def extern_cgroup(self, node: str, uid: int, job: int) -> str:
+        """The cgroup of a session adopted into the job's extern step, as job_cgroup_cmd shows
+        it inside `node` (v2: the leaf the extern stepd puts added pids into)."""
+        if self.platform.cgroup == 2:
+            return f"/system.slice/{node}_slurmstepd.scope/job_{job}/step_extern/user/task_special"
+        return f"/slurm_{node}/uid_{uid}/job_{job}/step_extern"
+
+    def job_cgroup_of(self, node: str, pid: int) -> str:
+        """`pid`'s cgroup in the hierarchy that tells the job, as it reads inside `node`."""
+        if self.platform.cgroup == 1:
+            return self.cgroup_of(node, pid)["freezer"]
+        path = self.cgroup_of(node, pid)[""]
+        top = f"/{cgroup2.node_dir(self.prefix, node).relative_to(cgroup2.MOUNT)}"
+        if path == top or path.startswith(top + "/"):
+            return path[len(top):] or "/"
+        return path      # outside the node's cgroup namespace
 
     def scancel(self, user: str, *args: str) -> None:
         self.exec("login", ["scancel", *args], user=user, check=True)
@@ -466,6 +632,30 @@ class Cluster:
                 return
             time.sleep(0.05)
         raise TestbedError(f"job {job} still has steps after {timeout}s")
+
+    # -- accounting (platform.accounting)
+    def sacct(self, *args: str, user: str | None = None) -> Result:
+        return self.exec("login", ["sacct", *args], user=user)
+
+    def sstat(self, *args: str, user: str | None = None) -> Result:
+        return self.exec("login", ["sstat", *args], user=user)
+
+    def wait_accounted(self, job: int, step: str | None = None, timeout: float = 60) -> list[str]:
+        """Until slurmdbd has the job (or `job.step`) finished: not RUNNING/PENDING, End known.
+        Returns its sacct row [JobID, State, End]. (The stepd's own record of a step can
+        replace slurmctld's about a second later: poll the numbers, not just this.)"""
+        sel = f"{job}.{step}" if step else str(job)
+        end = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < end:
+            r = self.sacct("-n", "-P", "-j", sel, "-o", "JobID,State,End")
+            last = r.out + r.err
+            for row in (ln.split("|") for ln in r.out.splitlines()):
+                if len(row) == 3 and row[0] == sel and row[1] and \
+                        row[1].split()[0] not in ("RUNNING", "PENDING") and row[2] not in ("", "Unknown"):
+                    return row
+            time.sleep(0.25)
+        raise TestbedError(f"slurmdbd does not have {sel} finished after {timeout}s: {last!r}")
 
     def cancel_all(self, timeout: float = 30) -> None:
         for u in self.users:
@@ -662,6 +852,7 @@ class Cluster:
             time.sleep(0.1)
         for n in node_names:
             _rm_cgroup_tree(n)
+        cgroup2.remove(self.prefix)
         for ns in ours:
             host = ns[len(self.prefix) + 1:]
             subprocess.run(["ip", "link", "del", f"{self.prefix}-{host}-h"[:15]], capture_output=True)
@@ -685,6 +876,7 @@ class Cluster:
             for n in self.node_names:
                 if Path(f"/sys/fs/cgroup/{c}/slurm_{n}").exists():
                     left.append(f"cgroup {c}/slurm_{n}")
+        left += cgroup2.leftovers(self.prefix) + trixie.leftovers()
         if self.state.exists():
             left.append(f"state dir {self.state}")
         with open("/proc/self/mounts") as f:
@@ -796,6 +988,15 @@ def rmdir_retry(d, tries: int = 40, pause: float = 0.05) -> bool:
     return False
 
 
+def _slurm_dir_without_conf(d: Path, names: list[str]) -> None:
+    """A configless node's /etc/slurm upper layer: overlay whiteouts (0/0 character devices)
+    hide the configuration files slurmctld serves, whatever the root namespace's /etc/slurm has."""
+    import stat
+    d.mkdir()
+    for n in names:
+        os.mknod(d / n, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
 def _umount_below(path: Path) -> None:
     with open("/proc/self/mounts") as f:
         mps = [line.split()[1] for line in f if line.split()[1].startswith(str(path))]
@@ -814,9 +1015,10 @@ def _drop_empty_netns_dir() -> None:
         pass
 
 
+CLUSTER_NAME = "cidtest"
 SLURM_CONF = """\
-# slurm-callerid test bed: Slurm (Debian packages) in network/UTS/mount namespaces
-ClusterName=cidtest
+# slurm-callerid test bed: Slurm {release} in network/UTS/mount namespaces
+ClusterName={cluster}
 SlurmctldHost=ctl({ctl_ip})
 SlurmUser=slurm
 SlurmdUser=root
@@ -837,9 +1039,8 @@ ProctrackType=proctrack/cgroup
 TaskPlugin=task/cgroup,task/affinity
 PrologFlags=contain
 JobAcctGatherType=jobacct_gather/linux
-JobAcctGatherFrequency=30
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
+JobAcctGatherFrequency={jag_frequency}
+{accounting}JobCompType=jobcomp/none
 MpiDefault=none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
@@ -849,20 +1050,48 @@ SlurmdTimeout=60
 MessageTimeout=10
 MailProg=/bin/true
 KillWait=5
-{nodelines}
+{platform_lines}{nodelines}
 PartitionName=debug Nodes={nodelist} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """
 
+RELEASES = {"22.05": "22.05 (Debian 12 packages)", "24.11": "24.11 (Debian 13 packages, own loader)"}
+
+
+def slurm_conf(p: Platform, **fields) -> str:
+    lines = ""
+    if p.job_container:
+        lines += "JobContainerType=job_container/tmpfs\n"
+    if p.configless:
+        lines += "SlurmctldParameters=enable_configless\n"
+    return SLURM_CONF.format(
+        release=RELEASES[p.slurm], cluster=CLUSTER_NAME, platform_lines=lines,
+        # accounting: Slurm samples the processes of a step every second (the default 30 s
+        # never sees a short adopted session)
+        jag_frequency="task=1" if p.accounting else "30",
+        accounting=accounting.slurm_conf_lines(fields["munge"]) if p.accounting
+        else "AccountingStorageType=accounting_storage/none\n", **fields)
+
+
 # Never the memory controller: memory cgroups belong to the machine's infrastructure.
-CGROUP_CONF = """\
-CgroupPlugin=cgroup/v1
-CgroupAutomount=no
-CgroupMountpoint=/sys/fs/cgroup
-ConstrainCores=yes
-ConstrainDevices=yes
-ConstrainRAMSpace=no
-ConstrainSwapSpace=no
-"""
+def cgroup_conf(p: Platform) -> str:
+    lines = ["CgroupPlugin=cgroup/v1", "CgroupMountpoint=/sys/fs/cgroup", "ConstrainCores=yes"]
+    if p.cgroup == 2:
+        # no controller is enabled in the test bed's cgroup2 subtrees: only device
+        # confinement (eBPF, no controller needed) is on
+        lines = ["CgroupPlugin=cgroup/v2", f"CgroupMountpoint={cgroup2.MOUNT}", "IgnoreSystemd=yes",
+                 "ConstrainCores=no"]
+    if p.slurm == "22.05":
+        lines.append("CgroupAutomount=no")   # defunct in 24.11 (an error is logged)
+    lines += ["ConstrainDevices=yes", "ConstrainRAMSpace=no", "ConstrainSwapSpace=no"]
+    return "\n".join(lines) + "\n"
+
+
+def job_container_conf(nodes: list[str]) -> str:
+    """BasePath on the node's private /run (a tmpfs per host): 22.05 chown()s the job's
+    directory by its absolute path after mounting it on /tmp, so a BasePath under /tmp fails
+    (measured: "_create_ns: chown failed"). Multiple-slurmd builds append /<node>."""
+    return "AutoBasePath=true\n" + "".join(f"NodeName={n} BasePath=/run/jc\n" for n in nodes)
+
 
 SSHD_CONFIG = """\
 Port 22

@@ -4,10 +4,16 @@
 # Gives the host its name and private copies of the few /etc files the test bed changes,
 # a private /run and a private /dev with /dev/log bound to the host's syslog socket, then
 # becomes the long-lived namespace holder that `nsenter -t HOLDER -n -u -m` targets.
-# usage: node_init.sh NAME STATE_DIR
+# usage: node_init.sh NAME STATE_DIR [cgroup2]
+# With "cgroup2" the host was started in its own cgroup2 subtree and cgroup namespace
+# (testbed/cgroup2.py): a fresh cgroup2 mount makes that subtree the host's cgroup root.
 set -eu
 name=$1; st=$2; h=$st/hosts/$name
 hostname "$name"
+if [ "${3:-}" = cgroup2 ]; then
+    umount /sys/fs/cgroup/unified       # mounting over it without this fails: "busy"
+    mount -t cgroup2 cid-cg2 /sys/fs/cgroup/unified
+fi
 # /etc: an overlay whose upper layer holds this host's passwd/group/shadow/hosts, slurm/ and
 # pam.d/sshd. (Bind-mounting single files is not enough: when a program in the root namespace
 # replaces /etc/passwd by rename, the kernel detaches such a mount in every other namespace.)
