@@ -152,9 +152,10 @@ class Logins:
     def handle(self, req, peer, t0):
         """-> (wire.Reply, namespace fd to attach or None). ``t0``: monotonic time the
         request arrived."""
+        rec = self._record(req, peer)
+        ms = rec["ms"] = {"queue": _ms(t0)}            # accept -> a worker took it
         opts = parse(req.args)
         self._parse_logs(req.args, opts)
-        rec = self._record(req, peer)
         uid, groups = user_facts(req.user, opts.allow_groups)
         rec["uid"] = uid
         pre = policy.pre_decide(req.service, req.user, uid, opts, groups)
@@ -169,7 +170,7 @@ class Logins:
             rec.update(facts, reused=True)
             settings, _ = self.settings.get(self._config(opts), opts.nodename)
         else:
-            d, settings, facts = self._decide(req, opts, uid, groups)
+            d, settings, facts = self._decide(req, opts, uid, groups, ms)
             rec.update(facts)
             if key and d.path != policy.FAILURE:          # a failure is tried again
                 self.decisions.put(key, (d, facts), self.decision_ttl)
@@ -179,24 +180,24 @@ class Logins:
     def _config(self, opts):
         return opts.config if "config" in opts.given else None
 
-    def _decide(self, req, opts, uid, groups):
-        """(Decision, Settings or None, audit facts)."""
-        facts = {"ms": {}}
+    def _decide(self, req, opts, uid, groups, ms):
+        """(Decision, Settings or None, facts for the audit); stage times into ``ms``."""
+        facts = {}
         t = time.monotonic()
         settings, err = self.settings.get(self._config(opts), opts.nodename)
-        facts["ms"]["settings"] = _ms(t)
+        ms["settings"] = _ms(t)
         jobs = None
         if settings is not None:
             facts["node"] = settings.layout.nodename
             t = time.monotonic()
             jobs, err = self._jobs(settings, uid, opts)
-            facts["ms"]["jobs"] = _ms(t)
+            ms["jobs"] = _ms(t)
         facts["jobs"] = None if jobs is None else [j.job_id for j in jobs]
         cid = None
         if jobs is not None and policy.needs_rpc(jobs, opts):
             t = time.monotonic()
             cid = self._ask(settings, opts, req.conn)
-            facts["ms"]["callerid"] = _ms(t)
+            ms["callerid"] = _ms(t)
             facts["callerid"] = {k: getattr(cid, k) for k in cid.__slots__
                                  if getattr(cid, k) is not None}
         compute_node = True
@@ -293,20 +294,26 @@ class Logins:
         t = time.monotonic()
         target = session_holder(peer, self._conn_inode(req.conn)) \
             if req.phase == "account" else peer
+        rec["ms"]["holder"] = _ms(t)
+        t = time.monotonic()
         try:
             d = self._move(d, opts, settings.layout, target, uid, rec)
         finally:
             if target is not peer:
                 target.close()
-        rec.setdefault("ms", {})["adopt"] = _ms(t)
+        rec["ms"]["adopt"] = _ms(t)
         if d.code != "PAM_SUCCESS" or d.target != "job" or d.reason == "adopt-failure-allow":
             return d, None, ()
         env = ["SLURM_JOB_ID=%d" % d.job_id]
         if not opts.disable_x11:
+            t = time.monotonic()
             env += self._x11(settings.layout, d.job, opts)
+            rec["ms"]["x11"] = _ms(t)
         fd = None
         if opts.join_container and target is peer:
+            t = time.monotonic()
             d, fd = self._namespace(d, opts, settings.layout, peer, rec)
+            rec["ms"]["ns"] = _ms(t)
         return d, fd, tuple(env)
 
     def _move(self, d, opts, layout, target, uid, rec):
