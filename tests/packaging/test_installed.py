@@ -190,3 +190,29 @@ def test_metrics_count_real_logins(fresh):
         assert "callerid_server_answers_total" in text or "callerid_server_events_total" in text
     finally:
         stop_pam_callerid(fresh)
+
+
+@pytest.mark.cluster
+def test_planted_fifo_or_symlink_at_the_audit_path_never_delays_a_login(fresh):
+    from testbed.adopters import stop_pam_callerid, use_pam_callerid
+    audit = use_pam_callerid(fresh, daemon_hosts=["node1"])
+    try:
+        fresh.sbatch("alice", nodes=["node1"])
+        base = fresh.ssh("alice", "login", "node1", "true")
+        assert base.rc == 0, base.err
+        victim = fresh.state / "victim"
+        victim.write_text("precious\n")
+        for plant in (lambda: os.mkfifo(audit), lambda: audit.symlink_to(victim)):
+            if os.path.lexists(audit):
+                audit.unlink()
+            plant()
+            r = fresh.ssh("alice", "login", "node1", "true")
+            assert r.rc == 0, r.err
+            assert r.seconds < base.seconds + 1.0, (r.seconds, base.seconds)
+        assert victim.read_text() == "precious\n"
+        log = fresh.daemon_log("node1", "callerid")
+        assert str(audit) in log and "FIFO" in log, log[-2000:]
+    finally:
+        if os.path.lexists(audit):
+            audit.unlink()
+        stop_pam_callerid(fresh)
