@@ -136,3 +136,15 @@ def fakes():
     yield make
     for f in made:
         f.close()
+
+
+@pytest.fixture
+def p1(fresh):
+    """The session cluster (no jobs) when it runs Slurm 22.05 on cgroup v1 without a job
+    container: these tests read the node's cgroups from the host side and expect 22.05's
+    answers. Every other platform is covered by test_cluster_platforms.py."""
+    p = getattr(fresh, "platform", None)
+    if p is not None and (p.slurm, p.cgroup, p.job_container) != ("22.05", 1, False):
+        pytest.skip(f"22.05/v1 host-side test; platform {p} is covered by "
+                    f"test_cluster_platforms.py")
+    return fresh

@@ -31,8 +31,8 @@ def procs(L, uid, job, step):
         return []
 
 
-def test_list_pid_to_job_and_adopt_then_scancel(fresh):
-    c = fresh
+def test_list_pid_to_job_and_adopt_then_scancel(p1):
+    c = p1
     node = c.node_names[1]
     alice, bob = c.user("alice"), c.user("bob")
     job = c.sbatch("alice", nodes=[node])
@@ -79,8 +79,8 @@ def _sleep():
     return subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
 
 
-def test_stepd_unusable_gives_the_fallback_with_its_reason(fresh, monkeypatch):
-    c = fresh
+def test_stepd_unusable_gives_the_fallback_with_its_reason(p1, monkeypatch):
+    c = p1
     node = c.node_names[0]
     alice = c.user("alice")
     job = c.sbatch("alice", nodes=[node])
@@ -121,8 +121,8 @@ def test_stepd_unusable_gives_the_fallback_with_its_reason(fresh, monkeypatch):
                 x.wait()
 
 
-def test_real_stepd_x11_namespace_and_refusals(fresh):
-    c = fresh
+def test_real_stepd_x11_namespace_and_refusals(p1):
+    c = p1
     node = c.node_names[1]
     job = c.sbatch("alice", nodes=[node])
     L = node_layout(c, node)

@@ -27,8 +27,8 @@ def v1_layout(c, node):
 # ---------------------------------------------------------------- the real slurmstepd
 
 @pytest.mark.cluster
-def test_real_extern_stepd_answers_alice_and_bob(fresh):
-    c = fresh
+def test_real_extern_stepd_answers_alice_and_bob(p1):
+    c = p1
     node = c.node_names[1]
     alice, bob = c.user("alice"), c.user("bob")
     ja = c.sbatch("alice", nodes=[node])
