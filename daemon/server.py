@@ -22,15 +22,20 @@ and SIGINT stop after the answers in flight are written (at most 2 s).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import gc
 import logging
+import math
 import os
 import resource
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
+from random import random as _random
 
 from . import protocol as P
 from . import wire
@@ -210,9 +215,12 @@ class _Conn:
         self.pending = False                  # in the server's Holders (no request yet)
         self.out = b""
         cfg = srv.cfg
+        # the first-byte and request deadlines get up to +50 % of jitter: junk that
+        # reconnects when reset must not come back in synchronised waves
+        j = 1.0 + 0.5 * _random()
         self.end_by = now + cfg.connection_timeout
-        self.read_by = min(now + cfg.request_timeout, self.end_by)
-        self.first_by = min(now + cfg.first_byte_timeout, self.read_by)
+        self.read_by = min(now + cfg.request_timeout * j, self.end_by)
+        self.first_by = min(now + cfg.first_byte_timeout * j, self.read_by)
 
     def start(self):
         """The request is usually there already (the client sends right after connecting):
@@ -222,12 +230,19 @@ class _Conn:
             self.loop.add_reader(self.fd, self._readable)
             self.reading = True
             self.pending = True
-            self.srv.holders[self.hint].add(self.peer, self)
+            srv = self.srv
+            srv.holders[self.hint].add(self.peer, self)
+            srv.unread[self] = None
+            if self.first_by:
+                srv.no_byte[self] = None
 
     def _unpend(self):
         if self.pending:
             self.pending = False
-            self.srv.holders[self.hint].discard(self.peer, self)
+            srv = self.srv
+            srv.holders[self.hint].discard(self.peer, self)
+            srv.unread.pop(self, None)
+            srv.no_byte.pop(self, None)
 
     def _finish(self, abort=False):
         if self.done:
@@ -235,7 +250,7 @@ class _Conn:
         self.done = True
         srv = self.srv
         srv.active -= 1
-        srv.conns.discard(self)
+        srv.conns.pop(self, None)
         self._unpend()
         if self.reading:
             self.loop.remove_reader(self.fd)
@@ -265,7 +280,10 @@ class _Conn:
             self.srv.stats["conn-errors"] += 1
             self._finish(abort=True)
             return
-        self.first_by = 0.0
+        if self.first_by:
+            self.first_by = 0.0
+            if self.pending:
+                self.srv.no_byte.pop(self, None)
         try:
             if not data:
                 self.dec.eof()
@@ -319,7 +337,39 @@ class _Conn:
             self.loop.remove_writer(self.fd)
         self.out = b""
         self.srv.stats["answered"] += 1
+        self.srv.latency.add(self.hint, time.monotonic() - self.arrived)
         self._finish()
+
+
+class LatencyHistogram:
+    """Time from accept to the reply written, by class (reserved source port or not):
+    cumulative-ready bucket counts (seconds, upper bounds) and sums, for the stats and the
+    metrics (daemon.metrics).  Written by the loop thread only."""
+
+    BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    CLASSES = ("other", "reserved")          # index: hint
+
+    def __init__(self):
+        n = len(self.BOUNDS) + 1             # the last bucket is +Inf
+        self.counts = ([0] * n, [0] * n)
+        self.sums = [0.0, 0.0]
+
+    def add(self, hint: bool, seconds: float):
+        self.counts[hint][bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.sums[hint] += seconds
+
+    def quantile(self, hint: bool, q: float) -> float:
+        """Upper bound (s) of the bucket holding quantile q (inf past the last bound)."""
+        counts = self.counts[hint]
+        total = sum(counts)
+        if not total:
+            return float("nan")
+        seen = 0
+        for bound, c in zip(self.BOUNDS + (float("inf"),), counts):
+            seen += c
+            if seen >= q * total:
+                return bound
+        return float("inf")
 
 
 class _Workers:
@@ -416,9 +466,16 @@ class Server:
         self.holders = (Holders(), Holders())     # [hint]: False = other, True = reserved port
         self.workers: _Workers | None = None
         self.listeners: list[socket.socket] = []
+        self.first_listeners: list[socket.socket] = []   # where reserved-port connections queue
         self.active = 0
-        self.conns: set[_Conn] = set()
+        # every connection, and those still without a byte / without their whole request,
+        # each in accept order, which is deadline order (within the jitter): a sweep looks
+        # only at the fronts
+        self.conns: dict[_Conn, None] = {}
+        self.no_byte: dict[_Conn, None] = {}
+        self.unread: dict[_Conn, None] = {}
         self.stats = collections.Counter()
+        self.latency = LatencyHistogram()
         self.port = cfg.port
         self.stopping = False
         self.loop = None
@@ -431,22 +488,58 @@ class Server:
     def now(self) -> float:
         return self._clock() if self._clock is not None else self.loop.time()
 
-    def _listen(self, addr: str, port: int) -> socket.socket:
+    LISTENERS = 4      # sockets per address (SO_REUSEPORT): 4 accept queues of somaxconn
+
+    def _socket(self, addr: str, port: int, group: bool) -> socket.socket:
         infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)
         fam, st, pr, _, sa = infos[0]
         s = socket.socket(fam, st | socket.SOCK_CLOEXEC, pr)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if group:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if fam == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.bind(sa)
-            s.listen(4096)       # the kernel caps it at net.core.somaxconn
-            s.setblocking(False)
         except OSError:
             s.close()
             raise
         return s
+
+    def _listen(self, addr: str, port: int) -> list[socket.socket]:
+        """LISTENERS sockets on addr:port sharing it (SO_REUSEPORT).  A steering program
+        (steer_reserved_ports) sends connections from reserved source ports to the first
+        socket and spreads the others over the rest: root's connections never queue in the
+        kernel behind junk, and a burst of junk overflows none of the accept queues as soon
+        as one somaxconn-long queue would.  A plain bind first: a daemon already listening
+        there makes this fail (EADDRINUSE) instead of sharing its port."""
+        probe = self._socket(addr, port, group=False)
+        port = probe.getsockname()[1]
+        probe.close()
+        out = []
+        try:
+            for _ in range(self.LISTENERS):
+                s = self._socket(addr, port, group=True)
+                # connections that send nothing stay in the kernel (SYN-ACKs resent) for
+                # about FirstByteTimeout instead of costing an accept, a slot and a reset
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
+                             max(1, math.ceil(self.cfg.first_byte_timeout)))
+                s.listen(4096)       # the kernel caps it at net.core.somaxconn
+                s.setblocking(False)
+                out.append(s)
+        except OSError:
+            for s in out:
+                s.close()
+            raise
+        try:
+            steer_reserved_ports(out[0], len(out))
+        except OSError as e:
+            log.warning("event=steering-unavailable address=%s error=%r (reserved-port "
+                        "connections share the accept queues)", addr, e.strerror)
+            return out
+        self.first_listeners.append(out[0])
+        return out
 
     def _set_limits(self, cfg):
         usable = _raise_fd_limit(cfg.max_connections + FD_RESERVE) - FD_RESERVE
@@ -456,23 +549,54 @@ class Server:
                         cfg.max_connections, self.max_connections)
 
     # -- the periodic sweep ----------------------------------------------------------------------
+    SWEEP_SLICE = 200      # connections closed per turn of the loop (accepts run in between)
+
+    GC_FREEZE_EVERY = 1.0     # seconds
+    GC_FULL_EVERY = 600.0
+
     def _sweep(self):
-        """Close connections past a deadline (every SWEEP seconds); log the traffic summary
-        every STATS_EVERY seconds."""
+        """Every SWEEP seconds: log the traffic summary when due, keep the garbage
+        collector's passes short, close the connections past a deadline."""
         now = self.now()
-        for c in [c for c in self.conns if now >= c.end_by or (c.read_by and now >= c.read_by)
-                  or (c.first_by and now >= c.first_by)]:
-            if c.first_by and now >= c.first_by:
-                c.expire("first-byte-timeouts")
-            elif c.read_by and now >= c.read_by:
-                c.expire("request-timeouts")
-            else:
-                c.expire("timeouts")
         if now >= self._stats_due:
             self._stats_due = now + self.STATS_EVERY
             self.log_stats()
-        if not self.stopping:
+        self._gc(now)
+        self._expire(now)
+
+    def _gc(self, now):
+        """Thousands of live connections make a full collection stall the loop (~60 ms seen
+        under junk load).  Our objects are freed by reference counting (no cycles), so
+        survivors are moved out of the collector's sight every second (gc.freeze) and a
+        full collection runs only every GC_FULL_EVERY seconds, for cycles anyone made."""
+        if now >= self._gc_full_due:
+            self._gc_full_due = now + self.GC_FULL_EVERY
+            gc.unfreeze()
+            gc.collect()
+        if now >= self._gc_freeze_due:
+            self._gc_freeze_due = now + self.GC_FREEZE_EVERY
+            gc.freeze()
+
+    def _expire(self, now):
+        """Close up to SWEEP_SLICE expired connections; when more are due (a wave of junk
+        expiring together), continue on the next turn of the loop, after its I/O."""
+        budget = self.SWEEP_SLICE
+        for table, attr, why in ((self.no_byte, "first_by", "first-byte-timeouts"),
+                                 (self.unread, "read_by", "request-timeouts"),
+                                 (self.conns, "end_by", "timeouts")):
+            while table and budget:
+                c = next(iter(table))
+                if getattr(c, attr) > now:
+                    break
+                c.expire(why)
+                table.pop(c, None)
+                budget -= 1
+        if self.stopping:
+            return
+        if budget:
             self.loop.call_later(self.SWEEP, self._sweep)
+        else:
+            self.loop.call_soon(self._expire, now)
 
     # -- statistics --------------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -512,22 +636,26 @@ class Server:
         self._set_limits(self.cfg)
         self.workers = _Workers(self.loop, self.handler, self.queue, self.cfg.workers)
         self._stats_due = self.now() + self.STATS_EVERY
+        self._gc_freeze_due = self.now()
+        self._gc_full_due = self.now() + self.GC_FULL_EVERY
         self.loop.call_later(self.SWEEP, self._sweep)
         bound = []
         errors = []
         port = self.cfg.port
         for addr in self.cfg.listen_addresses:
             try:
-                s = self._listen(addr, port)
+                group = self._listen(addr, port)
             except (OSError, socket.gaierror) as e:
                 errors.append(f"{addr}:{port}: {getattr(e, 'strerror', None) or e}")
                 continue
-            self.listeners.append(s)
-            name = s.getsockname()
+            self.listeners += group
+            name = group[0].getsockname()
             if port == 0:
                 port = name[1]
-            bound.append(f"[{name[0]}]:{name[1]}" if s.family == socket.AF_INET6 else f"{name[0]}:{name[1]}")
-            self.loop.add_reader(s.fileno(), self._accept, s)
+            bound.append(f"[{name[0]}]:{name[1]}" if group[0].family == socket.AF_INET6
+                         else f"{name[0]}:{name[1]}")
+            for s in group:
+                self.loop.add_reader(s.fileno(), self._accept, s)
         if not self.listeners:
             raise OSError(f"cannot listen: {'; '.join(errors)}")
         for e in errors:
@@ -547,9 +675,16 @@ class Server:
         return True
 
     def _accept(self, lsock: socket.socket):
+        """Accept up to 64 from `lsock`, after emptying the reserved-port queues."""
+        if lsock not in self.first_listeners:
+            for first in self.first_listeners:
+                self._accept_from(first, 256)
+        self._accept_from(lsock, 64)
+
+    def _accept_from(self, lsock: socket.socket, most: int):
         now = self.now()
         stats = self.stats
-        for _ in range(64):
+        for _ in range(most):
             try:
                 sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
@@ -573,7 +708,7 @@ class Server:
             sock.setblocking(False)
             self.active += 1
             conn = _Conn(self, sock, addr[0], hinted(addr[1]), now)
-            self.conns.add(conn)
+            self.conns[conn] = None
             conn.start()
 
     def request_stop(self):
@@ -588,14 +723,16 @@ class Server:
             s.close()
         end = self.loop.time() + 2.0
         while self.conns and self.loop.time() < end:  # let in-flight answers finish
-            pending = [c for c in self.conns if c.read_by]
-            for c in pending:                          # nobody waits on a half-sent request
+            for c in list(self.unread):                # nobody waits on a half-sent request
                 c._finish(abort=True)
             await asyncio.sleep(0.02)
         for c in list(self.conns):
             c._finish(abort=True)
         self.workers.close()
-        log.info("event=stopped %s", self.stats_line())
+        lat = self.latency
+        log.info("event=stopped %s p50-ms-reserved<=%s p99-ms-reserved<=%s p99-ms-other<=%s",
+                 self.stats_line(), *(lat.quantile(h, q) * 1e3 for h, q in
+                                      ((True, 0.5), (True, 0.99), (False, 0.99))))
 
     # -- reload (SIGHUP) ---------------------------------------------------------------------------
     def apply(self, cfg, auth, lookup):
@@ -637,6 +774,31 @@ class Server:
         return True
 
 
+SO_ATTACH_REUSEPORT_CBPF = 51      # <asm-generic/socket.h>
+_SKF_NET_OFF = 0xFFF00000          # -0x100000: classic BPF offsets from the network header
+
+
+def steer_reserved_ports(sock: socket.socket, n: int) -> None:
+    """Attach a classic BPF program to sock's SO_REUSEPORT group of `n` sockets: a
+    connection from a source port below 1024 goes to socket 0, any other to socket
+    1 + port % (n - 1).  Raises OSError when the kernel refuses (then the kernel's hash
+    decides, as without a program)."""
+    import ctypes
+    if sock.family == socket.AF_INET6:          # fixed 40-byte header (the port follows)
+        load = [(0x28, 0, 0, (_SKF_NET_OFF + 40) & 0xFFFFFFFF)]     # ldh [net + 40]
+    else:                                       # variable IHL
+        load = [(0xB1, 0, 0, _SKF_NET_OFF),     # ldxb 4 * ([net + 0] & 0xf)
+                (0x48, 0, 0, _SKF_NET_OFF)]     # ldh [x + net]
+    prog = load + [(0x35, 1, 0, 1024),          # jge #1024, +1
+                   (0x06, 0, 0, 0),             # ret #0
+                   (0x94, 0, 0, max(1, n - 1)), # mod #(n - 1)
+                   (0x04, 0, 0, 1),             # add #1
+                   (0x16, 0, 0, 0)]             # ret a
+    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF,
+                    struct.pack("HL", len(prog), ctypes.addressof(buf)))
+
+
 def set_log_level(level: str):
     logging.getLogger("callerid").setLevel(getattr(logging, level.upper(), logging.INFO))
 
@@ -672,9 +834,16 @@ def reloader(path: str | None, overrides: dict | None = None):
     return load
 
 
+SWITCH_INTERVAL = 0.0005
+
+
 async def run(cfg, auth, lookup, *, ready=None, reload=None) -> int:
     """Serve until SIGTERM/SIGINT.  `reload`: callable -> (cfg, auth, lookup) run on SIGHUP
     (default: re-read cfg.source).  `ready(server)` is called once listening."""
+    # The loop thread and the workers share the GIL: a worker coming back from munged waits
+    # for it up to the switch interval (5 ms by default), several times per answer while
+    # the loop is busy (junk load).  0.5 ms keeps answers within their budget then.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     srv = Server(cfg, auth, lookup)
     bound = await srv.start()
     loop = asyncio.get_running_loop()

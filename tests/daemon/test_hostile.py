@@ -63,7 +63,8 @@ class Daemon:
         self.proc.terminate()
         assert self.proc.wait(10) == 0
         line = [l for l in self.text().splitlines() if "event=stopped" in l][-1]
-        return {k: int(v) for k, v in (f.split("=") for f in line.split("event=stopped", 1)[1].split())}
+        fields = (f.split("=", 1) for f in line.split("event=stopped", 1)[1].split())
+        return {k: int(v) for k, v in fields if v.isdigit()}
 
 
 @pytest.fixture(scope="module")
