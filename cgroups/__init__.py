@@ -1,9 +1,11 @@
 """cgroups: Slurm's cgroup layouts (v1 and v2), job discovery on this node, and adoption.
 
 Answers, without any RPC to slurmctld or slurmd: which jobs of a user have an extern step on
-this node, which job a pid is in, and how to move a pid into a job's extern step.
-Standard library only; imports no other package of this project. Submodules are imported
-lazily (the PAM hook pays every import at every login).
+this node, which job a pid is in; and adopts a pid into a job's extern step the way Slurm
+does (the job's own slurmstepd over its local socket, else cgroup writes), with the job's
+mount namespace and X11 display when it has them. Slurm 22.05 .. 25.11, cgroup v1 and v2,
+job_container/tmpfs, configless slurmd. Standard library only; imports no other package of
+this project. Submodules are imported lazily.
 
 Slurm layout -> code that handles it
 ------------------------------------

@@ -102,7 +102,9 @@ def make_jobs(cfg, log=None):
         return CgroupJobs(cfg.cgroup_roots)
     try:
         import cgroups
-        layout = cgroups.discover(cfg.slurm_conf, nodename=cfg.node_name)
+        # SlurmConf when that file exists, else where slurmd keeps it (configless first)
+        conf = cfg.slurm_conf if cfg.slurm_conf and os.path.isfile(cfg.slurm_conf) else None
+        layout = cgroups.discover(conf, nodename=cfg.node_name)
         return LayoutJobs(layout)
     except Exception as e:
         if log is not None:
