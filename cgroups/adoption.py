@@ -16,6 +16,7 @@ Writing a pid that is already there is a no-op for the kernel: adoption is idemp
 """
 import errno
 import os
+from dataclasses import dataclass
 
 from .errors import (AdoptionFailed, JobGone, LayoutNotFound, PermissionDenied, PidGone,
                      StepdError)
@@ -23,6 +24,7 @@ from . import paths as _p
 from .jobs import read_small
 
 
+@dataclass(frozen=True, slots=True)
 class Adoption:
     """How a pid was adopted into a job.
 
@@ -34,31 +36,24 @@ class Adoption:
     job_id, pid, stepd_version (the protocol version the stepd answered, or None)
     """
 
-    __slots__ = ("how", "reason", "dirs", "job_id", "pid", "stepd_version")
-
-    def __init__(self, how, reason, dirs, job_id, pid, stepd_version=None):
-        self.how = how
-        self.reason = reason
-        self.dirs = list(dirs)
-        self.job_id = job_id
-        self.pid = pid
-        self.stepd_version = stepd_version
-
-    def __repr__(self):
-        return (f"Adoption(how={self.how!r}, job_id={self.job_id}, pid={self.pid}, "
-                f"reason={self.reason!r}, dirs={self.dirs!r}, "
-                f"stepd_version={self.stepd_version})")
+    how: str
+    reason: str | None
+    dirs: list
+    job_id: int
+    pid: int
+    stepd_version: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
 class Target:
     """Pure: one cgroup the pid must end up in: ``ctrl`` ("" on v2), ``dir`` to write,
     ``rel`` the path /proc/PID/cgroup shows, ``step_rel`` the step's path (v2: the stepd may
     choose any leaf below it)."""
 
-    __slots__ = ("ctrl", "dir", "rel", "step_rel")
-
-    def __init__(self, ctrl, dir, rel, step_rel):
-        self.ctrl, self.dir, self.rel, self.step_rel = ctrl, dir, rel, step_rel
+    ctrl: str
+    dir: str
+    rel: str
+    step_rel: str
 
     def shown(self, have, by_stepd):
         """Does the map {controller: path} of /proc/PID/cgroup show this target?"""
@@ -67,9 +62,6 @@ class Target:
             return True
         return by_stepd and got is not None and (got == self.step_rel or
                                                  got.startswith(self.step_rel + "/"))
-
-    def __repr__(self):
-        return f"Target({self.ctrl!r}, {self.dir!r})"
 
 
 def extern_targets(layout, job, isdir=os.path.isdir):

@@ -31,6 +31,7 @@ Owner of a job (uid):
   ``owner_resolver(layout, job_id) -> uid|None`` is consulted last. A job whose owner stays
   unknown (``Job.uid is None``) is never reported as a given user's.
 """
+from dataclasses import dataclass, field
 import os
 import stat as _stat
 import time as _time
@@ -39,6 +40,7 @@ from . import paths as _p
 from .paths import SLURM_EXTERN_CONT
 
 
+@dataclass(slots=True, unsafe_hash=True)
 class Job:
     """A job with an extern step on this node.
 
@@ -48,17 +50,13 @@ class Job:
     computed on first access from ``layout``.
     """
 
-    __slots__ = ("job_id", "uid", "start_time", "node", "socket", "layout", "_ext")
-
-    def __init__(self, job_id, uid, start_time, node, socket=None, extern_cgroups=None,
-                 layout=None):
-        self.job_id = job_id
-        self.uid = uid
-        self.start_time = start_time
-        self.node = node
-        self.socket = socket
-        self.layout = layout
-        self._ext = extern_cgroups
+    job_id: int
+    uid: int | None = field(compare=False)
+    start_time: float = field(compare=False)
+    node: str
+    socket: str | None = field(default=None, compare=False, repr=False)
+    layout: object = field(default=None, compare=False, repr=False)
+    _ext: dict | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def extern_cgroups(self):
@@ -71,16 +69,6 @@ class Job:
             else:
                 self._ext = {"": f"{L.v2_job_dir(self.job_id)}/step_extern"}
         return self._ext
-
-    def __repr__(self):
-        return (f"Job(job_id={self.job_id}, uid={self.uid}, start_time={self.start_time}, "
-                f"node={self.node!r})")
-
-    def __eq__(self, other):
-        return isinstance(other, Job) and (self.job_id, self.node) == (other.job_id, other.node)
-
-    def __hash__(self):
-        return hash((self.job_id, self.node))
 
 
 class JobList(list):

@@ -2,6 +2,8 @@
 hostlists, %n/%h expansion, the "newest" rule (the project's one definition of it: every
 package that picks among several jobs uses :func:`newest`). No I/O here.
 """
+from dataclasses import dataclass, field
+
 from .errors import CgroupError
 
 # The extern step's id (slurm.h SLURM_EXTERN_CONT): it appears numerically in the name of
@@ -46,6 +48,7 @@ class CgroupParseError(CgroupError, ValueError):
     """Text that should come from the kernel (/proc/PID/cgroup, /proc/self/mounts) is malformed."""
 
 
+@dataclass(frozen=True, slots=True)
 class JobRef:
     """Where a process sits in Slurm's cgroup tree, as read from one /proc/PID/cgroup line.
 
@@ -61,31 +64,15 @@ class JobRef:
     controller  the v1 controller list of that line ("freezer"), "" for v2
     """
 
-    __slots__ = ("job_id", "sluid", "step", "task", "uid", "node", "version", "cgroup",
-                 "controller")
-
-    def __init__(self, job_id, sluid, step, task, uid, node, version, cgroup, controller):
-        self.job_id = job_id
-        self.sluid = sluid
-        self.step = step
-        self.task = task
-        self.uid = uid
-        self.node = node
-        self.version = version
-        self.cgroup = cgroup
-        self.controller = controller
-
-    def _key(self):
-        return tuple(getattr(self, s) for s in self.__slots__)
-
-    def __eq__(self, other):
-        return isinstance(other, JobRef) and self._key() == other._key()
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __repr__(self):
-        return "JobRef(" + ", ".join(f"{s}={getattr(self, s)!r}" for s in self.__slots__) + ")"
+    job_id: int | None
+    sluid: str | None
+    step: str | None
+    task: str | None
+    uid: int | None
+    node: str | None
+    version: int
+    cgroup: str
+    controller: str
 
     def __str__(self):
         if self.job_id is None:
@@ -234,18 +221,13 @@ _NOT_CONTROLLERS = frozenset("""rw ro relatime norelatime noatime nodiratime str
  memory_recursiveprot clone_children cpuset_v2_mode noprefix favordynmods""".split())
 
 
+@dataclass(slots=True)
 class Mounts:
     """cgroup mounts: ``v1`` = {controller: mountpoint} (first mount wins, named hierarchies
     as "name=systemd"), ``v2`` = [mountpoints of cgroup2]."""
 
-    __slots__ = ("v1", "v2")
-
-    def __init__(self, v1=None, v2=None):
-        self.v1 = dict(v1 or {})
-        self.v2 = list(v2 or [])
-
-    def __repr__(self):
-        return f"Mounts(v1={self.v1!r}, v2={self.v2!r})"
+    v1: dict = field(default_factory=dict)
+    v2: list = field(default_factory=list)
 
 
 def parse_mounts(text):

@@ -51,6 +51,7 @@ Bounds (this runs on the login path): one deadline for the whole exchange (conne
 handshake, every request and reply); each blocking step gets only what remains; a missing
 socket, a dead listener or a full backlog fail at once. Sockets are closed on every path.
 """
+from dataclasses import dataclass
 import errno as _errno
 import os
 import select
@@ -80,22 +81,17 @@ def _ver(major):
     return major << 8                 # MAKE_SLURM_VER(r) = (r << 8) | 0
 
 
+@dataclass(frozen=True, slots=True)
 class Protocol:
     """What one Slurm release's slurmstepd speaks (see the module docstring and
     :data:`PROTOCOLS`). Pure data."""
 
-    __slots__ = ("release", "version", "min_client", "ns_request", "owner_checks", "tag")
-
-    def __init__(self, release, version, min_client, ns_request, owner_checks, tag):
-        self.release = release            # "24.11"
-        self.version = version            # SLURM_PROTOCOL_VERSION the stepd answers
-        self.min_client = min_client      # SLURM_MIN_PROTOCOL_VERSION it accepts
-        self.ns_request = ns_request      # REQUEST_GET_NS_FD or REQUEST_GET_NS_FDS
-        self.owner_checks = owner_checks  # 25.11+: dispatch table with from_slurmd/owner flags
-        self.tag = tag                    # the source tag the facts come from
-
-    def __repr__(self):
-        return f"Protocol({self.release}, version={self.version}, min_client={self.min_client})"
+    release: str          # "24.11"
+    version: int          # SLURM_PROTOCOL_VERSION the stepd answers
+    min_client: int       # SLURM_MIN_PROTOCOL_VERSION it accepts
+    ns_request: int       # REQUEST_GET_NS_FD or REQUEST_GET_NS_FDS
+    owner_checks: bool    # 25.11+: dispatch table with from_slurmd/owner flags
+    tag: str              # the source tag the facts come from
 
 
 # One row per release: version and minimum from src/common/slurm_protocol_common.h at the tag;
@@ -179,21 +175,15 @@ def check_ns_count(count, path):
     return count
 
 
+@dataclass(frozen=True, slots=True)
 class StepReply:
     """What one REQUEST_STEP_UID exchange returned: ``uid``, the stepd's ``protocol_version``
     and the listener's ``peer_pid`` / ``peer_uid`` (SO_PEERCRED)."""
 
-    __slots__ = ("uid", "protocol_version", "peer_pid", "peer_uid")
-
-    def __init__(self, uid, protocol_version, peer_pid, peer_uid):
-        self.uid = uid
-        self.protocol_version = protocol_version
-        self.peer_pid = peer_pid
-        self.peer_uid = peer_uid
-
-    def __repr__(self):
-        return (f"StepReply(uid={self.uid}, protocol_version={self.protocol_version}, "
-                f"peer_pid={self.peer_pid}, peer_uid={self.peer_uid})")
+    uid: int
+    protocol_version: int
+    peer_pid: int
+    peer_uid: int
 
 
 _INT = struct.Struct("=i")

@@ -182,4 +182,4 @@ def test_use_stepd_false_and_errors(tree, fakes):
     p.wait()
     with pytest.raises(PidGone):
         cgroups.adopt(L, p.pid, cgroups.Job(6, 1000, 0, NODE))
-    assert repr(a).startswith("Adoption(how='cgroup', job_id=5")
+    assert "how='cgroup'" in repr(a) and "job_id=5" in repr(a)
