@@ -145,10 +145,15 @@ def files_to_read(path: str, since: float | None) -> list[str]:
     return out + [path]
 
 
-def read_all(path: str, since=None, warn=None):
-    """Every record of the audit trail (rotated files first). A missing current file is
-    FileNotFoundError only when there is nothing at all to read."""
+def read_all(path: str, since=None, warn=None, current=True):
+    """Every record of the audit trail (rotated files first; the current file too unless
+    ``current`` is False). A missing current file is FileNotFoundError only when there is
+    nothing at all to read."""
     files = files_to_read(path, since)
+    if not current:
+        files = files[:-1]
+        if not any(os.path.lexists(p) for p in files):
+            return
     readable = [p for p in files if os.path.lexists(p)]
     if not readable:
         raise FileNotFoundError(errno.ENOENT, "no audit file", path)
@@ -393,13 +398,17 @@ def main(argv=None, out=None) -> int:
         return EXIT_USAGE
     keep = Filter(a.job, a.user, a.node, since, until, a.phase, a.path, a.result)
     warn = lambda msg: print(f"callerid audit: {msg}", file=sys.stderr)  # noqa: E731
+    # --follow: the current file is read by the follower from its start, so a record
+    # written while the history is printed is neither lost nor printed twice
+    follower = Follower(a.file, start_at_end=False) if a.follow else None
     try:
-        records = [r for r in read_all(a.file, since, warn) if keep(r)]
+        records = [r for r in read_all(a.file, since, warn, current=follower is None)
+                   if keep(r)]
+        if follower is not None:
+            records += [r for r in follower.read_new() if keep(r)]
     except FileNotFoundError:
-        if not a.follow:
-            print(f"callerid audit: no audit file {a.file}", file=sys.stderr)
-            return EXIT_NOFILE
-        records = []
+        print(f"callerid audit: no audit file {a.file}", file=sys.stderr)
+        return EXIT_NOFILE
     except OSError as e:
         print(f"callerid audit: {a.file}: {e.strerror or e}", file=sys.stderr)
         return EXIT_NOFILE
@@ -421,7 +430,7 @@ def main(argv=None, out=None) -> int:
     if not a.follow:
         return EXIT_OK
     try:
-        for rec in Follower(a.file):
+        for rec in follower:
             if not keep(rec):
                 continue
             if emit:

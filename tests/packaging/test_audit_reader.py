@@ -161,6 +161,9 @@ def test_follow_across_rotation(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "pam_callerid.audit_reader", "--file",
                           str(base), "--follow", "--json"], cwd=ROOT, stdout=subprocess.PIPE,
                          text=True)
+    import threading
+    watchdog = threading.Timer(30, p.kill)          # a missed record fails, never hangs
+    watchdog.start()
     try:
         assert json.loads(p.stdout.readline())["job"] == 1
         with open(base, "ab") as f:
@@ -176,5 +179,6 @@ def test_follow_across_rotation(tmp_path):
             f.write(lines([rec(NOW, job=5)]))
         assert json.loads(p.stdout.readline())["job"] == 5
     finally:
+        watchdog.cancel()
         p.kill()
         p.wait()
