@@ -17,6 +17,7 @@ class Adopter:
     ident: str                     # syslog ident
     configure: Callable            # configure(cluster, **options)
     teardown: Callable = lambda cluster: None
+    runs_on: Callable = lambda platform: True  # can it run on this test-bed platform?
 
     def no_jobs_message(self) -> str:
         return f"Access denied by {self.name}: you have no active jobs on this node"
@@ -26,8 +27,10 @@ def _pam_slurm_adopt(cluster, **options):
     cluster.use_pam_slurm_adopt(*(f"{k}={v}" for k, v in options.items()))
 
 
+# Debian 12's pam_slurm_adopt links Slurm 22.05's libslurmfull, and Debian 13's needs glibc 2.38
+# inside Debian 12's sshd: it runs on the 22.05 platforms only
 PAM_SLURM_ADOPT = Adopter("pam_slurm_adopt", "pam_slurm_adopt", _pam_slurm_adopt,
-                          lambda cluster: cluster.use_no_adoption())
+                          lambda cluster: cluster.use_no_adoption(), lambda platform: platform.slurm == "22.05")
 
 
 def use_pam_callerid(cluster, *, port: int = 6820, auth: str = "munge", daemon_hosts=None,
@@ -128,3 +131,7 @@ def _pam_callerid(cluster, **options):
 PAM_CALLERID = Adopter("pam_callerid", "pam_callerid", _pam_callerid, stop_pam_callerid)
 
 ADOPTERS = [PAM_SLURM_ADOPT, PAM_CALLERID]
+
+
+def adopters_for(platform) -> list[Adopter]:
+    return [a for a in ADOPTERS if a.runs_on(platform)]
