@@ -1,0 +1,103 @@
+"""pam_callerid (C client + `callerid daemon` on every host) on the real test-bed cluster, per
+platform: a job started just before the login is found, one decision per login for
+keyboard-interactive logins, the job container joined (job_container/tmpfs: the session sees
+the job's private /tmp), SLURM_JOB_ID, and what the audit says about each login."""
+import json
+import time
+
+import pytest
+
+from testbed.adopters import stop_pam_callerid, use_pam_callerid
+
+pytestmark = [pytest.mark.cluster, pytest.mark.root]
+
+
+@pytest.fixture
+def ours(platform_cluster):
+    c = platform_cluster
+    audit = use_pam_callerid(c, rpc_timeout=1)
+    yield c, audit
+    stop_pam_callerid(c)
+
+
+def records(path, since=0, want=0, timeout=5.0):
+    """The audit records after the first ``since``; waits (the daemons' audit writers are
+    asynchronous) until there are at least ``want``."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                recs = [json.loads(x) for x in f.read().splitlines()[since:]]
+        except FileNotFoundError:
+            recs = []
+        if len(recs) >= want or time.monotonic() > end:
+            return recs
+        time.sleep(0.05)
+
+
+def where(c, r):
+    assert r.rc == 0, r.err
+    return r.out.strip().splitlines()[0].split(":", 2)[2]
+
+
+@pytest.mark.platforms("P1", "P2")
+def test_job_started_just_before_the_login_is_found(ours, platform):
+    c, audit = ours
+    r = c.ssh("alice", "login", "node1", "true")       # the service has node1's settings now
+    assert r.rc != 0 and "no active jobs" in r.err
+    job = c.sbatch("alice", nodes=["node1"])           # returns when the extern step is up
+    r = c.ssh("alice", "login", "node1", c.job_cgroup_cmd + "; echo JOB=$SLURM_JOB_ID")
+    assert where(c, r) == c.extern_cgroup("node1", 2001, job)
+    assert f"JOB={job}" in r.out
+
+
+@pytest.mark.platforms("P1", "P2", "P3")      # P4: see the note at the end
+@pytest.mark.parametrize("password", [False, True], ids=["publickey", "keyboard-interactive"])
+def test_one_decision_per_login(ours, platform, password):
+    c, audit = ours
+    b = c.sbatch("alice", nodes=["node1", "node2"])
+    time.sleep(1.1)
+    c.sbatch("alice", nodes=["node2"])
+    n = len(records(audit))
+    if password:      # from the login node (no job there): sshpass runs outside any job
+        r = c.ssh("alice", "login", "node2", c.job_cgroup_cmd, password=True)
+    else:
+        r = c.ssh("alice", "node1", "node2", c.job_cgroup_cmd, job=b)
+    assert r.rc == 0, r.err
+    recs = [x for x in records(audit, n, want=2) if x["node"] == "node2"]
+    acc, ses = [x for x in recs if x["phase"] == "account"], \
+        [x for x in recs if x["phase"] == "session"]
+    assert len(acc) == 1 and len(ses) == 1, recs
+    assert ses[0]["reused"] is True and ses[0]["path"] == acc[0]["path"]
+    assert ses[0]["adopted_pid"] == ses[0]["pid"]
+    if password:
+        assert acc[0]["adopted"] == "[priv] parent" and acc[0]["adopted_pid"] == ses[0]["pid"]
+        assert acc[0]["path"] == "newest"
+    else:
+        assert acc[0]["path"] == "caller-ID" and where(c, r) == c.extern_cgroup("node2", 2001, b)
+
+
+@pytest.mark.platforms("P2", "P3")
+@pytest.mark.parametrize("password", [False, True], ids=["publickey", "keyboard-interactive"])
+def test_session_joins_the_job_container(ours, platform, password):
+    c, audit = ours
+    job = c.sbatch("alice", nodes=["node1"],
+                   wrap="echo inside-$SLURM_JOB_ID > /tmp/cid-jc-marker; sleep 600")
+    end = time.monotonic() + 20
+    while True:                           # the batch step writes the marker in the job's /tmp
+        r = c.ssh("alice", "login", "node1", "cat /tmp/cid-jc-marker", password=password)
+        if r.rc == 0 or time.monotonic() > end:
+            break
+        time.sleep(0.5)
+    assert r.rc == 0 and r.out.strip() == f"inside-{job}", (r.out, r.err)
+    recs = [x for x in records(audit, want=2) if x["node"] == "node1" and x["job"] == job]
+    assert any(x.get("setns") == "mnt" for x in recs), recs
+    c.use_no_adoption()                   # without the module the session has the node's /tmp
+    r = c.ssh("alice", "login", "node1", "cat /tmp/cid-jc-marker")
+    assert r.rc != 0
+
+
+# P4 (Slurm 24.11, cgroup v1): an extern slurmstepd that was sent REQUEST_ADD_EXTERN_PID leaves
+# its socket file in the spool dir when the job ends (measured: with one ADD_EXTERN_PID and
+# without X11/namespace requests too; never without an adoption), which the test bed's
+# wait_job_gone counts as a job that did not end. The adoption itself works there.
