@@ -1,6 +1,8 @@
 """The test bed itself: it comes up with every host isolated, gives the API the scenarios use,
-and leaves the machine exactly as it found it — after a normal run, after Ctrl-C, and (through
-the next run's stale cleanup) after being killed outright."""
+runs the platform it says it runs, and leaves the machine exactly as it found it — after a
+normal run, after Ctrl-C, and (through the next run's stale cleanup) after being killed
+outright, also with the platform machinery (cgroup2 subtree and shim, the private Slurm 24.11,
+MariaDB and slurmdbd) up."""
 import hashlib
 import os
 import signal
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed import cgroup2, trixie
 from testbed.cluster import Cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root]
@@ -28,15 +31,19 @@ def etc_digest():
     return out
 
 
-def mounts():
-    return Path("/proc/self/mounts").read_text()
+def mounts(prefix):
+    """The root namespace's mounts of a run with this prefix (its netns files, its state dir):
+    other suites on a shared machine mount and unmount theirs meanwhile."""
+    return [ln for ln in Path("/proc/self/mounts").read_text().splitlines()
+            if f"/run/netns/{prefix}-" in ln or f"/{prefix}-testbed" in ln]
 
 
 def test_hosts_are_isolated(cluster):
     c = cluster
     assert c.exec("node2", ["hostname"]).out.strip() == "node2"
     # the root namespace has no address of the test network, only the bridge
-    assert "10.199.3." not in subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    net = c.hosts["login"].ip4.rsplit(".", 1)[0] + "."
+    assert net not in subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
     r = c.exec("login", ["ip", "-o", "addr", "show", "dev", "eth0"])
     assert c.hosts["login"].ip4 in r.out and c.hosts["login"].ip6 in r.out
     # test users exist only inside the test bed
@@ -74,12 +81,41 @@ def test_password_login_works(fresh):
     assert r.rc == 0 and r.out.strip() == "alice", r.err
 
 
-def _child_script(prefix, subnet, then):
+def test_platform_is_what_it_says(platform_cluster, platform):
+    """The Slurm release, cgroup plugin, job container, configless slurmd and database the
+    platform names are the ones running; the system's own Slurm stays 22.05."""
+    c = platform_cluster
+    assert c.exec("login", ["scontrol", "version"]).out.startswith(f"slurm-wlm {platform.slurm}")
+    assert c.exec("node1", ["slurmd", "-V"]).out.startswith(f"slurm-wlm {platform.slurm}")
+    system = subprocess.run(["/usr/sbin/slurmd", "-V"], capture_output=True, text=True).stdout
+    assert system.startswith("slurm-wlm 22.05"), system
+    log = (c.logs / "slurmd-node1.log").read_text()
+    assert f"cgroup/v{platform.cgroup}: init" in log
+    slurmd = int((c.hostdir("node1") / "slurmd.pid").read_text())
+    environ = Path(f"/proc/{slurmd}/environ").read_bytes().split(b"\0")
+    if platform.cgroup == 2:   # in its node's subtree, with the hybrid-host shim
+        assert c.job_cgroup_of("node1", slurmd) == "/system.slice/node1_slurmstepd.scope/slurmd"
+        assert f"LD_PRELOAD={c.shim}".encode() in environ
+    else:
+        assert not any(e.startswith(b"LD_PRELOAD=") for e in environ)
+    config = c.exec("login", ["scontrol", "show", "config"]).out
+    assert ("job_container/tmpfs" in config) == platform.job_container
+    assert c.exec("node1", ["test", "-e", "/etc/slurm/slurm.conf"]).ok != platform.configless
+    assert ("accounting_storage/slurmdbd" in config) == platform.accounting
+    if platform.accounting:
+        assert c.exec("ctl", ["sacctmgr", "-n", "-P", "show", "cluster", "format=Cluster"]).out.split() == \
+            [c.cluster_name]
+        assert c.sacct("-n", "-a", "-X", "-o", "JobID").ok
+
+
+def _child_script(prefix, subnet, platform, then):
     return textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {str(ROOT)!r})
         from testbed.cluster import Cluster
-        c = Cluster(nodes=1, prefix={prefix!r}, subnet={subnet}, node_prefix="x{prefix}n")
+        from testbed.platforms import MATRIX
+        c = Cluster(nodes=1, prefix={prefix!r}, subnet={subnet}, node_prefix="x{prefix}n",
+                    platform=MATRIX[{platform!r}])
         c.up()
         c.sbatch("alice", nodes=c.nodes)
         print("UP", flush=True)
@@ -88,20 +124,41 @@ def _child_script(prefix, subnet, then):
 
 
 def _fresh_cluster_checks(prefix):
-    c = Cluster(nodes=1, prefix=prefix, subnet=9, node_prefix=f"x{prefix}n")
-    return c
+    """What the next run of the same prefix constructs (whatever platform it will run)."""
+    return Cluster(nodes=1, prefix=prefix, subnet=9, node_prefix=f"x{prefix}n")
 
 
-@pytest.mark.parametrize("how", ["normal", "ctrl-c", "kill-9-then-next-run"])
-def test_teardown_leaves_machine_clean(how):
-    prefix = {"normal": "cidn", "ctrl-c": "cidc", "kill-9-then-next-run": "cidk"}[how]
-    before_etc, before_mounts = etc_digest(), mounts()
+def _machinery(prefix):
+    """The platform machinery of a run with this prefix still on the machine: the cgroup2
+    subtree, the temporary apt source, processes running from its state dir or its database."""
+    left = cgroup2.leftovers(prefix) + trixie.leftovers()
+    state = f"/{prefix}-testbed/"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if state in cmd and int(pid) != os.getpid():
+            left.append(f"process {pid}: {cmd.replace(chr(0), ' ')[:120]}")
+    return left
+
+
+@pytest.mark.parametrize("platform_name, how", [
+    ("P1", "normal"), ("P1", "ctrl-c"), ("P1", "kill-9-then-next-run"),
+    ("P2", "ctrl-c"), ("P2", "kill-9-then-next-run"), ("P3", "ctrl-c"), ("P3", "kill-9-then-next-run")])
+def test_teardown_leaves_machine_clean(platform_name, how):
+    base = os.environ.get("CID_TESTBED_PREFIX", "cid")
+    prefix = base + {"normal": "n", "ctrl-c": "c", "kill-9-then-next-run": "k"}[how] + platform_name[1]
+    before_etc = etc_digest()
+    assert mounts(prefix) == []
+    assert not _machinery(prefix)
     then = {"normal": "c.down()", "ctrl-c": "time.sleep(600)", "kill-9-then-next-run": "time.sleep(600)"}[how]
-    p = subprocess.Popen([sys.executable, "-c", _child_script(prefix, 9, then)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen([sys.executable, "-c", _child_script(prefix, 9, platform_name, then)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = p.stdout.readline()
         assert line.strip() == "UP", p.stderr.read()
+        assert _machinery(prefix), "nothing of the run to be found (else this test proves nothing)"
         c = _fresh_cluster_checks(prefix)
         assert c.leftovers() or how == "normal"
         if how == "ctrl-c":
@@ -118,6 +175,7 @@ def test_teardown_leaves_machine_clean(how):
             p.wait()
     c = _fresh_cluster_checks(prefix)
     assert c.leftovers() == []
+    assert _machinery(prefix) == []
     assert etc_digest() == before_etc
-    assert mounts() == before_mounts
+    assert mounts(prefix) == []
     assert not any(n.startswith(prefix + "-") for n in os.listdir("/run/netns")) if os.path.isdir("/run/netns") else True
