@@ -135,14 +135,16 @@ class Logins:
     """
 
     def __init__(self, settings, log, audit, metrics=None, decision_ttl=DECISION_TTL,
-                 clock=time.monotonic):
+                 clock=time.monotonic, warmup=None):
         self.settings = settings
+        self.warmup = warmup              # warmup.Warmup: kicked as each request arrives
         self.log = log
         self.audit = audit
         self.metrics = metrics
         self.decision_ttl = decision_ttl
         self.decisions = TTLCache(clock=clock)
         self.negative = TTLCache(clock=clock)
+        self.x11 = TTLCache(clock=clock)     # (node, job, start) -> env items: asked once
         self.queries = 0                 # caller-ID queries sent (tests, stats)
         self._said = set()
         self._diag = None
@@ -152,6 +154,8 @@ class Logins:
     def handle(self, req, peer, t0):
         """-> (wire.Reply, namespace fd to attach or None). ``t0``: monotonic time the
         request arrived."""
+        if self.warmup is not None:
+            self.warmup.kick()
         rec = self._record(req, peer)
         ms = rec["ms"] = {"queue": _ms(t0)}            # accept -> a worker took it
         opts = parse(req.args)
@@ -343,17 +347,25 @@ class Logins:
             ("info", "Process %d adopted into %s via %s" % (target.pid, what, how)),))
 
     def _x11(self, layout, job, opts):
+        """DISPLAY / XAUTHORITY of the job's X11 forwarding (its extern stepd, asked once per
+        job and minute: a login's two phases ask once)."""
+        key = (layout.nodename, job.job_id, getattr(job, "start_time", None))
+        env = self.x11.get(key)
+        if env is not None:
+            return env
         import cgroups
         try:
             x = cgroups.x11_display(layout, job)
         except Exception as e:
             self.log("debug", "no X11 display for job %d: %s" % (job.job_id, e), opts.log_level)
             return []
-        if not x:
-            return []
-        display, xauthority = x
-        env = ["DISPLAY=localhost:%d.0" % display]
-        return env + (["XAUTHORITY=%s" % xauthority] if xauthority else [])
+        env = []
+        if x:
+            display, xauthority = x
+            env = ["DISPLAY=localhost:%d.0" % display]
+            env += ["XAUTHORITY=%s" % xauthority] if xauthority else []
+        self.x11.put(key, env, self.decision_ttl)
+        return env
 
     def _namespace(self, d, opts, layout, peer, rec):
         """(Decision, fd of the job's mount namespace or None): the client joins it with

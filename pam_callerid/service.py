@@ -245,9 +245,11 @@ def start(cfg, config_path, metrics=None):
     from .login import Logins
     from .logsink import SyslogSink
     from .settings import SettingsCache
+    from .warmup import Warmup
 
     def daemon_log(level, text):
         log.log(logging.ERROR if level == "error" else logging.INFO, "%s", text)
 
-    logins = Logins(SettingsCache(config_path), SyslogSink(), AuditWriter(daemon_log), metrics)
+    logins = Logins(SettingsCache(config_path), SyslogSink(), AuditWriter(daemon_log), metrics,
+                    warmup=Warmup())
     return Service(cfg.pam_socket, logins, workers=cfg.pam_workers, metrics=metrics).start()
