@@ -122,14 +122,22 @@ def _subdirs(path):
 
 
 def read_small(path, limit=65536):
-    """The bytes of a small kernel file (/proc, cgroupfs) with one open/read/close and no
-    Python file object; None if it does not exist or cannot be read."""
+    """The bytes of a small kernel file (/proc, cgroupfs), at most `limit`, with os.open/
+    os.read and no Python file object; None if it does not exist or cannot be read.  Reads
+    until EOF: cgroupfs hands out one page per read (a cgroup.procs of ~680 pids)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        return os.read(fd, limit)
+        data = os.read(fd, limit)
+        parts = [data]
+        left = limit - len(data)
+        while data and left > 0:
+            data = os.read(fd, left)
+            parts.append(data)
+            left -= len(data)
+        return b"".join(parts)
     except OSError:
         return None
     finally:
