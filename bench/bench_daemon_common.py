@@ -59,6 +59,9 @@ class Run:
         self.cgroot = Path(UNIFIED) / f"{tag}-{os.getpid()}"
 
     def __enter__(self):
+        def term(signum, frame):                # `timeout`, kill: clean up like on Ctrl-C
+            raise SystemExit(f"signal {signum}")
+        signal.signal(signal.SIGTERM, term)
         return self
 
     def __exit__(self, *exc):

@@ -213,3 +213,38 @@ def test_cgroup_jobs_pid_to_job_for_ordinary_process():
     assert j.job_of_pid(2 ** 22 + 12345) is None
     assert list(j.job_pids()) == []
     assert real_uid(os.getpid()) == os.getuid()
+
+
+@pytest.mark.root
+def test_job_with_a_thousand_processes_is_listed_whole(jobcg):
+    """cgroupfs hands out cgroup.procs one page (~680 pids) per read: every pid of a job with
+    1,000 processes must still be listed, and a socket held by the last one found."""
+    cg = jobcg.make(6161)
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(8)
+    kids = []
+    try:
+        for i in range(1000):
+            c = None
+            if i == 999:
+                c = socket.create_connection(lst.getsockname())
+                os.set_inheritable(c.fileno(), True)
+            pid = os.fork()
+            if pid == 0:
+                os.execv("/bin/sleep", ["sleep", "1000"])
+            kids.append(pid)
+            jobcg.add(cg, pid)
+            if c is not None:
+                ends = c.getsockname(), c.getpeername()
+                c.close()
+        jobs = CgroupJobs([str(jobcg.root)])
+        assert set(kids) <= set(jobs.job_pids())
+        (ca, cp), (sa, sp) = ends
+        r = Lookup(jobs).lookup(P.Request.make(ca, cp, sa, sp))
+        assert r.status == P.STATUS_FOUND and r.job_id == 6161 and r.pid == kids[-1]
+    finally:
+        for pid in kids:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        lst.close()

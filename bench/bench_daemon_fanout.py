@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Fan-out: one launcher ssh-es to 1,000 nodes at once; 1,000 daemons ask its node's daemon
+(run as root).
+
+    /opt/slurm-callerid/bin/python bench/bench_daemon_fanout.py [--queries 1000,10000]
+        [--sources 1000] [--window 0.5] [--auth munge,hmac] [--deadline 1.0]
+
+The launcher: a synthetic job (cgroup v2 layout) with --procs processes ("ssh" clients), which
+between them hold one loopback TCP connection per query.  The askers: --gens generator
+processes (pinned to CPU 1) on --sources distinct source addresses 127.1.x.y, each query from
+a reserved port (root's client), signed before the window, sent on a fixed schedule spread
+evenly over --window seconds, the reply read without blocking (selectors), and verified
+after the window (signature, nonce, the right job).  Latency = reply received - scheduled
+send.  The daemon (and its munged) is pinned to CPU 0 at nice --nice; the askers have their
+own munged (same key).  Reported: answered right, p50/p99/max, the daemon's peak RSS.
+
+[target: 100 % answered correctly, max latency < rpc_timeout (1 s)]
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_daemon_common import PY, ROOT, Run, hwm_mb, loadavg, pct, rss_mb  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+JOB = 999
+
+
+# ---------------------------------------------------------------------------------------------
+# generator (child process)
+
+
+def generator(args):
+    """Child: the queries assigned to it -> JSON {lat, replies(hex), errors}."""
+    from daemon import client as C, protocol as P, wire
+    from daemon.config import load_config
+    cfg = load_config(args.config)
+    auth = C.auth_from_config(cfg)
+    jobs = json.loads(Path(args.plan).read_text())[args.index]   # [k, src_ip, src, dst]
+    prepared = []
+    for k, ip, src, dst in jobs:
+        sa, sp = C.parse_endpoint(src)
+        da, dp = C.parse_endpoint(dst)
+        req = P.pack_request(sa, sp, da, dp, "tcp")
+        prepared.append((k, ip, req.nonce, wire.seal_request(req, auth)))
+    sel = selectors.DefaultSelector()
+    t0 = args.t0
+    period = args.window / args.total
+    lat, replies, errors = {}, {}, {}
+    pending = {}
+    i = 0
+    end = t0 + args.window + args.deadline + 2.0
+
+    def start(k, ip, frame):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        for _ in range(16):                 # a reserved port (root's client does the same)
+            port = 600 + int.from_bytes(os.urandom(2), "little") % 424
+            try:
+                s.bind((ip, port))
+                break
+            except OSError:
+                continue
+        else:
+            s.bind((ip, 0))
+        s.setblocking(False)
+        err = s.connect_ex(("127.0.0.1", args.port))
+        if err not in (0, errno.EINPROGRESS):
+            errors[k] = os.strerror(err)
+            s.close()
+            return
+        pending[s] = [k, frame, b"", P.FrameDecoder(max_frames=1)]
+        sel.register(s, selectors.EVENT_WRITE)
+
+    while time.time() < end and (i < len(prepared) or pending):
+        now = time.time()
+        while i < len(prepared) and t0 + prepared[i][0] * period <= now:
+            k, ip, _, frame = prepared[i]
+            start(k, ip, frame)
+            i += 1
+        nxt = t0 + prepared[i][0] * period if i < len(prepared) else end
+        for key, ev in sel.select(max(0.0, min(nxt - time.time(), 0.05))):
+            s = key.fileobj
+            st = pending[s]
+            k = st[0]
+            try:
+                if ev & selectors.EVENT_WRITE:
+                    s.send(st[1])
+                    sel.modify(s, selectors.EVENT_READ)
+                    continue
+                data = s.recv(4096)
+                if not data:
+                    raise ConnectionError("closed without a reply")
+                frames = st[3].feed(data)
+                if not frames:
+                    continue
+                lat[k] = (time.time() - (t0 + k * period)) * 1e3
+                replies[k] = (P.encode_frame(frames[0].type, frames[0].auth, frames[0].body,
+                                             frames[0].auth_blob)).hex()
+            except (OSError, ConnectionError, P.ProtocolError) as e:
+                errors[k] = str(e)
+            sel.unregister(s)
+            s.close()
+            del pending[s]
+    for s, st in pending.items():
+        errors[st[0]] = "no reply by the end"
+        s.close()
+    nonces = {k: n.hex() for k, _, n, _ in prepared}
+    Path(args.out).write_text(json.dumps({"lat": lat, "replies": replies, "errors": errors,
+                                          "nonces": nonces}))
+
+
+# ---------------------------------------------------------------------------------------------
+# parent
+
+
+def source_ips(n):
+    return [f"127.1.{i // 250}.{i % 250 + 1}" for i in range(n)]
+
+
+def make_launcher(run: Run, nconn: int, nprocs: int):
+    """nconn loopback connections whose client ends are held by nprocs processes in job
+    JOB; the server ends stay with this process.  -> [(src, dst)]."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4096)
+    leaf = run.job_cgroup(JOB)
+    out, servers = [], []
+    per = -(-nconn // nprocs)
+    made = 0
+    while made < nconn:
+        batch = []
+        for _ in range(min(per, nconn - made)):
+            c = socket.create_connection(lst.getsockname())
+            s, _ = lst.accept()
+            out.append(("%s:%d" % c.getsockname(), "%s:%d" % c.getpeername()))
+            batch.append(c)
+            servers.append(s)
+        pid = run.spawn_holder(batch)
+        (leaf / "cgroup.procs").write_text(str(pid))
+        for c in batch:
+            c.close()
+        made += len(batch)
+    lst.close()
+    return out, servers
+
+
+def one_run(run, args, auth_name, nq, msock, csock, key, launcher):
+    conf = (f"AuthType={auth_name}\nMungeSocket={msock}\nKeyFile={key}\nCgroupRoots={run.cgroot}\n"
+            "RateLimit=1000000\nRateBurst=1000000\n")
+    d, port, cfg = run.daemon(conf, cpu="0", name=f"fan-{auth_name}-{nq}", nice=args.nice)
+    ccfg = run.base / f"askers-{auth_name}-{nq}.conf"
+    ccfg.write_text(f"Port={port}\nAuthType={auth_name}\nMungeSocket={csock}\nKeyFile={key}\n")
+    ips = source_ips(args.sources)
+    queries = [(k, ips[k % len(ips)], *launcher[k]) for k in range(nq)]
+    plan = [queries[g::args.gens] for g in range(args.gens)]
+    plan_file = run.base / f"plan-{auth_name}-{nq}.json"
+    plan_file.write_text(json.dumps(plan))
+    rss0 = rss_mb(d.pid)
+    t0 = time.time() + 2.0 + nq / 2500           # time to pre-sign
+    gens = [run.start(["taskset", "-c", "1", PY, __file__, "--gen", "--config", str(ccfg),
+                       "--plan", str(plan_file), "--index", str(g), "--port", str(port),
+                       "--t0", repr(t0), "--total", str(nq), "--window", str(args.window),
+                       "--deadline", str(args.deadline), "--out", str(plan_file) + f".{g}"])
+            for g in range(args.gens)]
+    load = None
+    peak = rss0
+    while any(g.poll() is None for g in gens):
+        peak = max(peak, rss_mb(d.pid))
+        if load is None and time.time() > t0 + args.window:
+            load = loadavg()
+        time.sleep(0.02)
+    res = [json.loads(Path(str(plan_file) + f".{g}").read_text()) for g in range(args.gens)]
+    hwm = hwm_mb(d.pid)
+    d.terminate()
+    d.wait(15)
+    # verify every reply: signature, nonce, job
+    from daemon import client as C, protocol as P, wire
+    from daemon.config import load_config
+    auth = C.auth_from_config(load_config(str(ccfg)))
+    lat, right, errors = [], 0, {}
+    for r in res:
+        for k, hx in r["replies"].items():
+            rep = None
+            try:
+                rep = wire.open_reply(P.decode_frame(bytes.fromhex(hx)), auth,
+                                      bytes.fromhex(r["nonces"][k]))
+                ok = rep.status == P.STATUS_FOUND and rep.job_id == JOB
+            except Exception as e:
+                ok = False
+                errors[f"rejected: {e}"] = errors.get(f"rejected: {e}", 0) + 1
+            if ok:
+                right += 1
+            elif rep is not None:
+                errors[P.STATUS_NAMES.get(rep.status)] = errors.get(P.STATUS_NAMES.get(rep.status), 0) + 1
+            lat.append(r["lat"][k])
+        for k, e in r["errors"].items():
+            errors[e] = errors.get(e, 0) + 1
+    late = sum(1 for x in lat if x >= args.deadline * 1e3)
+    return dict(auth=auth_name, n=nq, right=right, late=late, errors=errors, p50=pct(lat, 0.5),
+                p99=pct(lat, 0.99), max=max(lat) if lat else float("nan"), rss0=rss0, peak=peak,
+                hwm=hwm, load=load)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--queries", default="1000,10000")
+    ap.add_argument("--sources", type=int, default=1000)
+    ap.add_argument("--window", type=float, default=0.5)
+    ap.add_argument("--deadline", type=float, default=1.0, help="rpc_timeout (s)")
+    ap.add_argument("--auth", default="munge,hmac")
+    ap.add_argument("--procs", type=int, default=1000, help="launcher processes in the job")
+    ap.add_argument("--gens", type=int, default=8)
+    ap.add_argument("--nice", type=int, default=-10)
+    ap.add_argument("--gen", action="store_true")
+    ap.add_argument("--config")
+    ap.add_argument("--plan")
+    ap.add_argument("--index", type=int)
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--t0", type=float)
+    ap.add_argument("--total", type=int)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.gen:
+        return generator(args)
+    if os.geteuid() != 0:
+        sys.exit("run as root")
+    sizes = [int(x) for x in args.queries.split(",")]
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))     # the launcher's server ends
+    rows = []
+    with Run("cidbench-fanout") as run:
+        msock = run.munged("munge-daemon", cpu="0", nice=args.nice)
+        csock = run.munged("munge-askers", key=run.munge_key, cpu="1")
+        from daemon.auth import write_key
+        key = run.base / "callerid.key"
+        write_key(str(key))
+        launcher, servers = make_launcher(run, max(sizes), args.procs)
+        print(f"  launcher: {len(launcher)} connections held by {args.procs} job processes",
+              file=sys.stderr, flush=True)
+        for auth_name in args.auth.split(","):
+            for nq in sizes:
+                r = one_run(run, args, auth_name, nq, msock, csock, key, launcher)
+                rows.append(r)
+                print(f"  {auth_name} {nq}: done (load {r['load']})", file=sys.stderr, flush=True)
+        for s in servers:
+            s.close()
+    print()
+    print(f"Fan-out: N queries arriving within {args.window} s from {args.sources} source addresses "
+          f"(reserved ports), each about a different connection of one job ({args.procs} processes); "
+          f"daemon on CPU 0 at nice {args.nice}, askers on CPU 1")
+    print(f"[target: 100 % answered correctly, max latency < rpc_timeout ({args.deadline:g} s)]")
+    hdr = (f"{'auth':>6} | {'queries':>7} | {'answered right':>14} | {'late':>5} | {'p50 ms':>7} | "
+           f"{'p99 ms':>7} | {'max ms':>7} | {'RSS MB idle/peak':>16} | load | failures")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['auth']:>6} | {r['n']:>7} | {r['right']:>6} ({100 * r['right'] / r['n']:5.1f}%) | "
+              f"{r['late']:>5} | {r['p50']:7.1f} | {r['p99']:7.1f} | {r['max']:7.1f} | "
+              f"{r['rss0']:7.1f}/{r['hwm']:<8.1f} | {r['load']} | {r['errors'] or '-'}")
+
+
+if __name__ == "__main__":
+    main()
