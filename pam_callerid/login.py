@@ -169,8 +169,10 @@ class Logins:
         key = (str(req.conn), req.user, req.service, req.args) if req.conn else None
         hit = self.decisions.get(key) if key else None
         settings = None
+        said = 0                       # how many of the decision's log lines went out before
         if hit is not None:
             d, facts = hit
+            said = len(d.logs)
             rec.update(facts, reused=True)
             settings, _ = self.settings.get(self._config(opts), opts.nodename)
         else:
@@ -179,7 +181,8 @@ class Logins:
             if key and d.path != policy.FAILURE:          # a failure is tried again
                 self.decisions.put(key, (d, facts), self.decision_ttl)
         d, fd, env = self._adopt(d, opts, settings, req, peer, uid, rec, t0)
-        return self._finish(req, opts, d, rec, t0, fresh=hit is None, env=env, fd=fd), fd
+        return self._finish(req, opts, d, rec, t0, fresh=hit is None, env=env, fd=fd,
+                            said=said), fd
 
     def _config(self, opts):
         return opts.config if "config" in opts.given else None
@@ -387,9 +390,8 @@ class Logins:
         return d, fd
 
     # ------------------------------------------------------------------ reply, logs, audit
-    def _finish(self, req, opts, d, rec, t0, fresh, audit=True, env=(), fd=None):
-        logs = d.logs if fresh else tuple(x for x in d.logs if x[1].startswith("Process "))
-        for level, text in logs:
+    def _finish(self, req, opts, d, rec, t0, fresh, audit=True, env=(), fd=None, said=0):
+        for level, text in d.logs[said:]:
             self.log(level, text, opts.log_level)
         errors = (d.user_msg,) if d.user_msg and (fresh or d.code != "PAM_SUCCESS") else ()
         info = policy.info_line(d, opts) if fresh or d.reason == "adopt-failure-allow" else None

@@ -176,7 +176,7 @@ class Service:
                                self.use_peerpidfd)
             except (PeerError, OSError) as e:
                 self.refused += 1
-                log.warning("event=pam-refused reason=%s", str(e).replace(" ", "_"))
+                log.warning("event=pam-refused reason=%r", str(e))
                 if self.metrics is not None:
                     self.metrics.pam_rejected("not-root" if "not root" in str(e) else "peer")
                 conn.close()
