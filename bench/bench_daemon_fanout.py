@@ -62,22 +62,24 @@ def generator(args):
     end = t0 + args.window + args.deadline + 2.0
 
     def start(k, ip, frame):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         for _ in range(16):                 # a reserved port (root's client does the same)
-            port = 600 + int.from_bytes(os.urandom(2), "little") % 424
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind((ip, port))
-                break
+                s.bind((ip, 600 + int.from_bytes(os.urandom(2), "little") % 424))
             except OSError:
+                s.close()
                 continue
-        else:
-            s.bind((ip, 0))
-        s.setblocking(False)
-        err = s.connect_ex(("127.0.0.1", args.port))
-        if err not in (0, errno.EINPROGRESS):
-            errors[k] = os.strerror(err)
+            s.setblocking(False)
+            err = s.connect_ex(("127.0.0.1", args.port))
+            if err in (0, errno.EINPROGRESS):
+                break
             s.close()
+            if err != errno.EADDRNOTAVAIL:  # (that 4-tuple is still in TIME_WAIT: another)
+                errors[k] = os.strerror(err)
+                return
+        else:
+            errors[k] = "no reserved port free"
             return
         pending[s] = [k, frame, b"", P.FrameDecoder(max_frames=1)]
         sel.register(s, selectors.EVENT_WRITE)
