@@ -44,6 +44,18 @@ def deb_files(deb) -> list[str]:
     return [line.split()[-1][1:] for line in r.stdout.splitlines() if line.split()[-1] != "./"]
 
 
+def unowned_files(paths) -> list[str]:
+    """The files among ``paths`` that exist and belong to no installed package (so a
+    half-installed or installed slurm-callerid's own files are never saved and restored)."""
+    files = [p for p in paths if not p.endswith("/") and os.path.lexists(p)]
+    if not files:
+        return []
+    owned = set()
+    for line in run(["dpkg-query", "-S"] + files, check=False).stdout.splitlines():
+        owned.update(x.strip() for x in line.split(": ", 1)[-1].split(","))
+    return [p for p in files if p not in owned]
+
+
 class Machine:
     """Saves unowned files at the package's paths, installs, purges, restores."""
 
@@ -51,10 +63,8 @@ class Machine:
         self.deb = str(deb)
         self.saved = tempfile.mkdtemp(prefix="callerid-pkgtest-")
         self.backups = {}
-        present = installed_version() is not None
-        for path in deb_files(deb):
-            if not present and not path.endswith("/") and os.path.isfile(path) \
-                    and not os.path.islink(path):
+        for path in unowned_files(deb_files(deb)):
+            if os.path.isfile(path) and not os.path.islink(path):
                 dst = os.path.join(self.saved, str(len(self.backups)))
                 shutil.copy2(path, dst)
                 self.backups[path] = dst
