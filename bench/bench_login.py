@@ -222,7 +222,7 @@ def report(rounds, small, big):
             cells = [f"{base + d[cfg]:8.1f} (Δ {d[cfg]:+6.1f})" for cfg in CONFIGS[1:]]
             print(f"{p:32s} {base:8.1f} {cells[0]:>22s} {cells[1]:>22s}  {ratio:8.2f}  "
                   f"{res[(p, 'pam_slurm_adopt')]['wrong']}/{res[(p, 'pam_callerid')]['wrong']}")
-        print(f"\npaired per round: median of the round's differences, ms [95% bootstrap CI]")
+        print("\npaired per round: median of the round's differences, ms [95% bootstrap CI]")
         print(f"{'path':32s} {'psa - none':>22s} {'ours - none':>22s} {'ours - psa':>22s}")
         for p in paths:
             n, a, o = (res[(p, cfg)]["ms"] for cfg in CONFIGS)

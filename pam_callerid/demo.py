@@ -74,8 +74,7 @@ def main(argv=None) -> int:
         play(f"jobs {b},{n} on node2, ssh from inside job {b} on node1 -> caller-ID", "alice", "node1", "node2", job=b)
         play(f"jobs {b},{n} on node2, ssh from the login node -> newest", "alice", "login", "node2")
         if args.module == "pam_callerid":
-            play(f"again from the login node -> negative cache, no wait", "alice", "login", "node2")
-            mark = c.syslog_mark()
+            play("again from the login node -> negative cache, no wait", "alice", "login", "node2")
             r = c.ssh("alice", "login", "node1", "grep :freezer: /proc/self/cgroup", password=True)
             steps.append(("keyboard-interactive login -> adopted in session",
                           f"{r.seconds * 1000:.0f} ms",

@@ -10,11 +10,10 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 
 import pytest
 
-from fakes import NODE, FakeDaemon, FakeSlurm, pamtester_conn
+from fakes import FakeDaemon, FakeSlurm, pamtester_conn
 from pamhelpers import outcome, pamtester, stack
 
 pytestmark = pytest.mark.root
@@ -239,7 +238,8 @@ def test_settings_reloaded_when_a_file_changes(services, built_so, pam_service, 
 
 def test_decision_reused_only_for_the_same_login(services, built_so, pam_service, slurm,
                                                  cid_user, tmp_path):
-    old, new = slurm.add_job(cid_user[1], 95), slurm.add_job(cid_user[1], 96)
+    old = slurm.add_job(cid_user[1], 95)
+    slurm.add_job(cid_user[1], 96)
     d = FakeDaemon(slurm.key)
     try:
         d.mode = ("found", old, cid_user[1])
