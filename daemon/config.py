@@ -18,12 +18,11 @@ class ConfigError(Exception):
 
 
 def _bool(v: str) -> bool:
-    s = v.strip().lower()
-    if s in ("1", "yes", "true", "on"):
-        return True
-    if s in ("0", "no", "false", "off"):
-        return False
-    raise ValueError(f"not a boolean: {v!r}")
+    from cgroups.conf import parse_bool         # the project's one boolean vocabulary
+    b = parse_bool(v)
+    if b is None:
+        raise ValueError(f"not a boolean: {v!r}")
+    return b
 
 
 def _list(v: str) -> list[str]:

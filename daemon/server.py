@@ -484,6 +484,7 @@ class Server:
         self._stats_last = ""
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.max_connections = cfg.max_connections
+        self.on_reload: list = []     # callables(cfg) run after a SIGHUP reload was applied
 
     def now(self) -> float:
         return self._clock() if self._clock is not None else self.loop.time()
@@ -759,6 +760,11 @@ class Server:
         if old_lookup is not lookup:    # workers may still be inside it: close it later
             self.loop.call_later(cfg.connection_timeout + 1.0, old_lookup.close)
         self.stats["reloads"] += 1
+        for hook in self.on_reload:
+            try:
+                hook(cfg)
+            except Exception:
+                log.exception("event=reload-hook-failed hook=%r", hook)
         log.info("event=reloaded config=%s auth=%s max_connections=%d rate_limit=%s root_share=%s",
                  cfg.source, auth.name, self.max_connections, cfg.rate_limit, cfg.root_share)
 
