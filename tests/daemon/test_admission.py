@@ -302,3 +302,55 @@ def test_stats_line_fires_every_interval_when_changed(caplog):
         while len(stats_lines()) < 2 and time.monotonic() < end:
             time.sleep(0.05)
         assert len(stats_lines()) == 2 and "answers-unknown=2" in stats_lines()[1]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fam,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_reserved_port_connections_get_their_own_accept_queue(fam, host):
+    """The SO_REUSEPORT steering program: reserved source ports to socket 0, the others
+    spread over sockets 1..3 -- root's connections never queue behind junk in the kernel."""
+    from daemon.server import steer_reserved_ports
+    group, clients = [], []
+    try:
+        for _ in range(4):
+            s = socket.socket(fam)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((host, group[0].getsockname()[1] if group else 0))
+            s.listen(64)
+            s.setblocking(False)
+            group.append(s)
+        steer_reserved_ports(group[0], len(group))
+        port = group[0].getsockname()[1]
+        for sport in (700, 701, 702) + (0,) * 12:
+            c = socket.socket(fam)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            c.bind((host, sport))
+            c.connect((host, port))
+            clients.append(c)
+        time.sleep(0.05)
+        got = []
+        for s in group:
+            ports = []
+            while True:
+                try:
+                    a, addr = s.accept()
+                except BlockingIOError:
+                    break
+                ports.append(addr[1])
+                a.close()
+            got.append(ports)
+        assert sorted(got[0]) == [700, 701, 702]
+        assert all(p >= 1024 for ports in got[1:] for p in ports)
+        assert sum(len(p) for p in got[1:]) == 12
+    finally:
+        for s in group + clients:
+            s.close()
+
+
+def test_server_listens_with_a_steered_group():
+    auth = HmacAuth(KEY)
+    with ServerThread(auth) as st:
+        assert len(st.srv.listeners) == st.srv.LISTENERS and len(st.srv.first_listeners) == 1
+        assert _q(st.port, auth).outcome == C.UNKNOWN
