@@ -33,6 +33,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,6 +366,8 @@ class Cluster:
             self._start_holder_oldest_mntns(name, argv)
         else:
             self._start_holder(name, argv)
+        if self._v2(name):
+            cgroup2.park(self.prefix, name, self.hosts[name].holder)
         if self._slurm24:
             self._bind_slurm24(name)
         if self.platform.configless and name in self.node_names:
@@ -447,22 +450,23 @@ class Cluster:
         if r.rc:
             raise TestbedError(f"slurmctld: {r.err} {self._tail('slurmctld.log')}")
         for n in self.node_names:
-            r = self.exec(n, self._slurmd_argv(n))
-            if r.rc:
-                raise TestbedError(f"slurmd on {n}: {r.err} {self._tail(f'slurmd-{n}.log', 4000)}")
+            log = self.logs / f"slurmd-{n}.log"      # SlurmdLogFile
+            self.start_daemon(n, "slurmd-foreground", self._slurmd_argv(n), timeout=60,
+                              wait_for=lambda: "slurmd version" in _read(log) and " started" in _read(log))
             if self.platform.configless:
                 self._check_configless(n)
             self._start_sshd(n)
 
     def _slurmd_argv(self, node: str) -> list[str]:
-        argv = ["/usr/sbin/slurmd"]
+        """slurmd in the foreground (-D), as systemd's slurmd.service runs it."""
+        argv = ["/usr/sbin/slurmd", "-D"]
         if self.platform.configless:
             # -N: slurmd expands %n in SlurmdSpoolDir (where it caches the fetched configs)
             # before it knows its node name from the config (src/slurmd/slurmd/slurmd.c,
             # _establish_configuration(), slurm-22-05-8-1 and slurm-24-11-5-1)
             argv += ["--conf-server", "ctl", "-N", node]
         if self._v2(node):
-            argv = ["env", f"LD_PRELOAD={self.shim}", *argv]
+            argv = cgroup2.slurmd_argv(argv, self.shim)
         return argv
 
     def _check_configless(self, node: str, timeout: float = 30) -> None:
@@ -628,10 +632,32 @@ class Cluster:
         """Until the job's extern step sockets are gone from every node."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if not any(any(self.spool(n).glob(f"{n}_{job}.*")) for n in self.node_names):
+            if not any(self.step_sockets(n, f"{n}_{job}.*") for n in self.node_names):
                 return
             time.sleep(0.05)
         raise TestbedError(f"job {job} still has steps after {timeout}s")
+
+    def step_sockets(self, node: str, pattern: str) -> list[Path]:
+        """The node's slurmstepd sockets matching `pattern` whose stepd still runs. A socket
+        file nothing is bound to any more is removed, as slurmd removes stray sockets
+        (src/common/stepd_api.c, _handle_stray_socket(), slurm-24-11-5-1): Slurm 24.11.0-.5's
+        extern stepd can die at job end without removing it when pids were added to it
+        (segfault or lost privileges in its _wait_extern_pid() threads; SchedMD ticket 22770,
+        fixed in 24.11.6 by "Join threads used to track external pids in slurmstepd")."""
+        files = list(self.spool(node).glob(pattern))
+        if not files:
+            return []
+        with open(f"/proc/{self._holder(node)}/net/unix") as f:   # the node's network namespace
+            bound = {line.split()[-1] for line in f.read().splitlines()[1:] if len(line.split()) == 8}
+        live = []
+        for path in files:
+            if str(path) in bound:
+                live.append(path)
+            else:
+                path.unlink(missing_ok=True)
+                print(f"[testbed] {node}: removed stray stepd socket {path.name} (its slurmstepd is gone)",
+                      file=sys.stderr)
+        return live
 
     # -- accounting (platform.accounting)
     def sacct(self, *args: str, user: str | None = None) -> Result:
@@ -663,8 +689,7 @@ class Cluster:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             q = self.exec("login", ["squeue", "-h", "-a"])
-            if not q.out.strip() and \
-                    not any(any(self.spool(n).glob(f"{n}_[0-9]*.*")) for n in self.node_names):
+            if not q.out.strip() and not any(self.step_sockets(n, f"{n}_[0-9]*.*") for n in self.node_names):
                 return
             time.sleep(0.1)
         raise TestbedError(f"jobs did not end: {self.exec('login', ['squeue', '-a'])} "
@@ -986,6 +1011,13 @@ def rmdir_retry(d, tries: int = 40, pause: float = 0.05) -> bool:
         except OSError:
             time.sleep(pause)
     return False
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def _slurm_dir_without_conf(d: Path, names: list[str]) -> None:
