@@ -180,7 +180,8 @@ class Logins:
             rec.update(facts)
             if key and d.path != policy.FAILURE:          # a failure is tried again
                 self.decisions.put(key, (d, facts), self.decision_ttl)
-        d, fd, env = self._adopt(d, opts, settings, req, peer, uid, rec, t0)
+        d, fd, env = self._adopt(d, opts, settings, req, peer, uid, rec, t0,
+                                 reused=hit is not None)
         return self._finish(req, opts, d, rec, t0, fresh=hit is None, env=env, fd=fd,
                             said=said), fd
 
@@ -289,8 +290,11 @@ class Logins:
                 return None
         return None if info is None else info.inode
 
-    def _adopt(self, d, opts, settings, req, peer, uid, rec, t0):
-        """(Decision after adoption, namespace fd or None, env items)."""
+    def _adopt(self, d, opts, settings, req, peer, uid, rec, t0, reused=False):
+        """(Decision after adoption, namespace fd or None, env items). A reused decision
+        (the session phase after account) does not move a process that is still in the
+        job's extern step: only one moved away meanwhile (pam_systemd before us) is moved
+        back."""
         if d.code != "PAM_SUCCESS" or d.target is None:
             return d, None, ()
         if settings is None:
@@ -304,7 +308,10 @@ class Logins:
         rec["ms"]["holder"] = _ms(t)
         t = time.monotonic()
         try:
-            d = self._move(d, opts, settings.layout, target, uid, rec)
+            if reused and self._still_there(settings.layout, target, d):
+                rec["adopted_pid"], rec["adopted"], rec["how"] = target.pid, target.how, "already"
+            else:
+                d = self._move(d, opts, settings.layout, target, uid, rec)
         finally:
             if target is not peer:
                 target.close()
@@ -322,6 +329,15 @@ class Logins:
             d, fd = self._namespace(d, opts, settings.layout, peer, rec)
             rec["ms"]["ns"] = _ms(t)
         return d, fd, tuple(env)
+
+    @staticmethod
+    def _still_there(layout, target, d):
+        """Whether the live process ``target`` sits in the decided job's extern step."""
+        if d.target != "job" or not target.alive():
+            return False
+        import cgroups
+        ref = cgroups.job_of_pid(target.pid, layout.nodename)
+        return ref is not None and ref.job_id == d.job_id and ref.step == "extern"
 
     def _move(self, d, opts, layout, target, uid, rec):
         import cgroups

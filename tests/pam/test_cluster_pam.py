@@ -97,6 +97,41 @@ def test_session_joins_the_job_container(ours, platform, password):
     assert r.rc != 0
 
 
+@pytest.mark.platforms("P1")
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_node_daemon_stopped_or_killed_bounded_then_generic_failure(platform_cluster, how):
+    """The node's own daemon (its PAM service) SIGSTOPped: each phase (account, session) waits
+    daemon_timeout, then action_generic_failure (default ignore: in, not adopted); killed:
+    at once."""
+    import os
+    import signal
+    from testbed.cluster import _children_tree
+    c = platform_cluster
+    use_pam_callerid(c, daemon_timeout=0.5)
+    try:
+        job = c.sbatch("alice", nodes=["node1"])
+        base = c.ssh("alice", "login", "node1", c.job_cgroup_cmd)
+        assert where(c, base) == c.extern_cgroup("node1", 2001, job)
+        pids = _children_tree(c.hosts["node1"].daemons["callerid"].pid)
+        sig = signal.SIGSTOP if how == "stopped" else signal.SIGKILL
+        for p in pids:
+            os.kill(p, sig)
+        try:
+            mark = c.syslog_mark()
+            r = c.ssh("alice", "login", "node1", c.job_cgroup_cmd)
+            assert r.rc == 0, r.err                            # ignore: the login goes on
+            assert where(c, r) != c.extern_cgroup("node1", 2001, job)
+            assert r.seconds < base.seconds + (2 * 0.5 if how == "stopped" else 0) + 0.5, \
+                (r.seconds, base.seconds)
+            assert c.syslog("node1", since=mark, ident="pam_callerid"), "no line said why"
+        finally:
+            if how == "stopped":
+                for p in pids:
+                    os.kill(p, signal.SIGCONT)
+    finally:
+        stop_pam_callerid(c)
+
+
 # P4 (Slurm 24.11, cgroup v1): an extern slurmstepd that was sent REQUEST_ADD_EXTERN_PID leaves
 # its socket file in the spool dir when the job ends (measured: with one ADD_EXTERN_PID and
 # without X11/namespace requests too; never without an adoption), which the test bed's

@@ -97,7 +97,7 @@ def start_sshd(built_so, services, tmp_path, shell_user, pam_service, mover=Fals
         except OSError:
             time.sleep(0.05)
     yield {"port": port, "ukey": ukey, "slurm": slurm, "audit": audit, "user": shell_user,
-           "tmp": tmp_path, "daemon": daemon, "service": pam_service}
+           "tmp": tmp_path, "daemon": daemon, "service": pam_service, "mover": bool(mover)}
     daemon.close()
     proc.terminate()
     try:
@@ -166,6 +166,8 @@ def test_login_adopted_into_job(sshd, method):
     ses = [r for r in recs if r["phase"] == "session"][-1]
     assert acc["src_ip"] == "127.0.0.1" and acc["dst_port"] == s["port"]   # sshd's socket
     assert ses["adopted_pid"] == ses["pid"] and ses["job"] == job and ses["reused"] is True
+    # moved away by a session module before ours (like pam_systemd): moved back; else in place
+    assert (ses["how"] == "already") is (s["mover"] is False)
     if method == "publickey":      # account and session in the same [priv] process
         assert acc["pid"] == ses["pid"] and acc["adopted"] == "peer"
     else:                          # account ran in the forked [pam] child: its [priv] parent
