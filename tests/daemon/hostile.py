@@ -6,7 +6,7 @@ Each mode runs for a bounded time, then prints one JSON line and exits.
         first 20 bytes of a request; a connection that is closed or reset is opened again
         at once (the hostile case: the slots stay under pressure)
     hostile.py ask    --port P --config C --target SRC:PORT,DST:PORT --rate R --seconds S
-                      [--src IP ...] [--threads T]
+                      [--host H] [--src IP ...] [--threads T] [--no-reserved]
         ask about the target connection at R requests/s on a fixed schedule (latency from the
         scheduled time), signed by whoever runs this (root: the PAM module's case; a user:
         a flood); every reply verified; outcomes counted, cacheable failures counted.
@@ -112,7 +112,7 @@ def ask(args):
         delay = sched - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        ans = C.query_sealed("127.0.0.1", args.port, req, frame, auth=auth, timeout=args.timeout,
+        ans = C.query_sealed(args.host, args.port, req, frame, auth=auth, timeout=args.timeout,
                              trusted_uids=cfg.reply_uids(), reserved_port=not args.no_reserved,
                              source=host_src)
         results[k] = (ans.outcome, ans.cacheable, ans.job_id,
@@ -153,6 +153,7 @@ def main(argv=None):
     h.add_argument("--seconds", type=float, default=10)
     a = sub.add_parser("ask")
     a.add_argument("--port", type=int, required=True)
+    a.add_argument("--host", default="127.0.0.1")
     a.add_argument("--config", required=True)
     a.add_argument("--target", required=True)
     a.add_argument("--rate", type=float, default=50)

@@ -89,3 +89,55 @@ def test_ssh_from_login_node_unknown(daemons):
     finally:
         ssh.kill()
         ssh.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole login path (C client + `callerid daemon` on every host) under a user's flood
+
+HOSTILE = str(ROOT / "tests" / "daemon" / "hostile.py")
+
+
+def test_a_users_flood_does_not_change_another_users_login(fresh):
+    """bob floods node1's daemon from node2 with valid munge credentials (node2 is where the
+    PAM service asks from); alice's logins from inside her job on node1 into node2 are still
+    resolved by caller-ID to that job, not to her newer job there (the 'newest' fallback)."""
+    import json
+    from testbed.adopters import stop_pam_callerid, use_pam_callerid
+    c = fresh
+    audit = use_pam_callerid(c, rpc_timeout=1, extra_conf="RateLimit=20\nRateBurst=20\n")
+    try:
+        a = c.sbatch("alice", nodes=["node1", "node2"])
+        time.sleep(1.1)
+        newer = c.sbatch("alice", nodes=["node2"])
+        conf = c.state / "callerid" / "flood.conf"
+        conf.write_text(f"Port=6820\nAuthType=munge\nMungeSocket={c.munge_socket}\n")
+        conf.chmod(0o644)
+        flood = c.popen("node2", ["env", f"PYTHONPATH={ROOT}", PY, HOSTILE, "ask", "--host",
+                                  c.hosts["node1"].ip4, "--port", "6820", "--config", str(conf),
+                                  "--target", "10.199.9.9:1000,10.199.9.8:22", "--rate", "300",
+                                  "--seconds", "8", "--threads", "32", "--no-reserved"],
+                        user="bob", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            time.sleep(1.5)
+            for _ in range(4):
+                r = c.ssh("alice", "node1", "node2", "cat /proc/self/cgroup", job=a)
+                assert r.rc == 0, r.err
+                assert f"/job_{a}/step_extern" in r.out and f"job_{newer}" not in r.out, r.out
+            out, err = flood.communicate(timeout=60)
+        finally:
+            if flood.poll() is None:
+                flood.kill()
+                flood.wait()
+        flooded = json.loads(out.decode().splitlines()[-1])
+        assert flooded["outcomes"].get("busy", 0) > 1000, (flooded, err.decode()[-500:])
+        assert "found" not in flooded["outcomes"] and flooded["cacheable"] == 0, flooded
+        end = time.monotonic() + 5          # the audit writer is asynchronous
+        while True:
+            recs = [json.loads(x) for x in audit.read_text().splitlines()]
+            acc = [x for x in recs if x["node"] == "node2" and x["phase"] == "account"]
+            if len(acc) >= 4 or time.monotonic() > end:
+                break
+            time.sleep(0.1)
+        assert len(acc) == 4 and all(x["path"] == "caller-ID" and x["job"] == a for x in acc), acc
+    finally:
+        stop_pam_callerid(c)
