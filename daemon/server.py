@@ -670,7 +670,6 @@ class Server:
         victim = self.holders[False].victim() or self.holders[True].victim()
         if victim is None:
             return False
-        victim.pending = False
         self.stats["reclaimed"] += 1
         victim._finish(abort=True)
         return True
