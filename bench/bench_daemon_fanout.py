@@ -24,7 +24,6 @@ import json
 import os
 import selectors
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path

@@ -21,7 +21,6 @@ of an "unknown" socket among every process, bounded in time and frequency (Holde
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -375,7 +374,6 @@ class HolderScan:
                 return "busy"
             self._next = now + self.every
         end = now + self.budget
-        target = f"socket:[{inode}]"
         try:
             names = os.listdir(self.proc)
         except OSError:

@@ -14,9 +14,7 @@ Each mode runs for a bounded time, then prints one JSON line and exits.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
-import os
 import selectors
 import socket
 import sys

@@ -1,6 +1,5 @@
 """Admission bookkeeping (pure), the client's cacheable classification against real sockets
 on loopback (and a test namespace for "no route"), and the stats line on a moved clock."""
-import errno
 import logging
 import os
 import socket

@@ -18,7 +18,7 @@ from daemon import protocol as P
 from daemon import wire
 from daemon.auth import HmacAuth, load_key, write_key
 
-from .conftest import NOBODY, PY, ROOT
+from .conftest import NOBODY, PY
 from .test_netns import HELPER, _readline, _wait_log
 
 pytestmark = pytest.mark.root

@@ -1,7 +1,6 @@
 """Sans-IO protocol: round trips and hostile input (pure unit tests, no sockets)."""
 import ipaddress
 import os
-import struct
 
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
