@@ -155,9 +155,11 @@ class Cluster:
         self._lockfd = None
         # One test bed per node-name set at a time on this machine: Slurm names its v1 cgroups
         # after the nodes (slurm_<node>), so two clusters with the same node names would share
-        # them whatever their prefixes. An flock next to this module, held from up() to the end
+        # them whatever their prefixes. An flock, held from up() to the end
         # of down(); other runs wait for it.
-        self._lockpath = HERE / f".lock-{node_prefix}"
+        # /run/lock, not the checkout: two checkouts (a CI clone beside a working tree) must
+        # see the same lock.
+        self._lockpath = Path("/run/lock") / f"callerid-testbed-{node_prefix}.lock"
 
     def _lock(self, timeout: float = 1800) -> None:
         import fcntl
