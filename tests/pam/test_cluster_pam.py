@@ -51,7 +51,7 @@ def test_job_started_just_before_the_login_is_found(ours, platform):
     assert f"JOB={job}" in r.out
 
 
-@pytest.mark.platforms("P1", "P2", "P3")      # P4: see the note at the end
+@pytest.mark.platforms("P1", "P2", "P3", "P4")
 @pytest.mark.parametrize("password", [False, True], ids=["publickey", "keyboard-interactive"])
 def test_one_decision_per_login(ours, platform, password):
     c, audit = ours
@@ -132,8 +132,3 @@ def test_node_daemon_stopped_or_killed_bounded_then_generic_failure(platform_clu
     finally:
         stop_pam_callerid(c)
 
-
-# P4 (Slurm 24.11, cgroup v1): an extern slurmstepd that was sent REQUEST_ADD_EXTERN_PID leaves
-# its socket file in the spool dir when the job ends (measured: with one ADD_EXTERN_PID and
-# without X11/namespace requests too; never without an adoption), which the test bed's
-# wait_job_gone counts as a job that did not end. The adoption itself works there.
