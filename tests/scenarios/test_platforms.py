@@ -9,8 +9,8 @@ import pytest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root]
 
-# burns exactly 3 s of CPU however busy the machine is, then stays logged in
-BURN = "python3 -c 'import time; any(time.process_time() > 3 for _ in iter(int, 1))'"
+# burns exactly 3 s of CPU however busy the machine is, then stays (the job's end kills it)
+BURN = "python3 -c 'import time; any(time.process_time() > 3 for _ in iter(int, 1)); time.sleep(300)'"
 
 
 def seconds(text: str) -> float:
@@ -23,11 +23,11 @@ def seconds(text: str) -> float:
 
 
 def tres_cpu(tres: str) -> float:
-    """The cpu= of a TRESUsageIn* value, in seconds."""
+    """The cpu= of a TRESUsageIn* value, in seconds (0 when nothing was recorded)."""
     for item in tres.split(","):
         if item.startswith("cpu="):
             return seconds(item[4:])
-    raise AssertionError(f"no cpu= in {tres!r}")
+    return 0.0
 
 
 def session_in_background(c, user, dst, command, timeout=120):
@@ -70,24 +70,27 @@ def session_pid(c, node: str, marker: str, timeout: float = 20) -> int:
 # ------------------------------------------------------------------------------ accounting
 @pytest.mark.platforms("P2", "P3")
 def test_adopted_session_cpu_in_sstat_and_sacct(adopter, platform_cluster, record_property):
-    """An adopted session burns 3 s of CPU: sstat of the running job's extern step sees it
-    while the session runs, and sacct (slurmdbd) has it after the job ended. Slurm samples the
-    step's processes every second (JobAcctGatherFrequency=task=1) and a process's CPU leaves
-    the sum when it exits, so the numbers are what the samples caught: pam_slurm_adopt shows
-    2-3 s here; a session Slurm does not know shows 0."""
+    """An adopted session burns 3 s of CPU and is still logged in when the job ends: sstat of
+    the running job's extern step sees the CPU while it burns, and sacct (slurmdbd) has it
+    after the job ended. Slurm samples the step's processes every second
+    (JobAcctGatherFrequency=task=1), so the numbers are what the samples caught:
+    pam_slurm_adopt shows 2-3 s here; a session Slurm does not know shows 0. (The session
+    stays: Slurm 24.11.5 drops from the final record the CPU of a session's processes that
+    exited before the job ended, whoever adopted them; 22.05 keeps it. Measured with a bare
+    REQUEST_ADD_EXTERN_PID, the RPC pam_slurm_adopt sends.)"""
     c = platform_cluster
     job = c.sbatch("alice", nodes=["node1"])
-    t, box = session_in_background(c, "alice", "node1", f"{BURN}; sleep 8")
+    t, box = session_in_background(c, "alice", "node1", BURN)
     live = 0.0
-    end = time.monotonic() + 60
+    end = time.monotonic() + 30     # 3 s of CPU take well under 30 s even on a busy machine
     while time.monotonic() < end and t.is_alive() and live < 2.5:
         r = c.sstat("-n", "-P", "-j", f"{job}.extern", "-o", "TRESUsageInTot", user="alice")
         if r.ok and r.out.strip():
             live = max(live, tres_cpu(r.out.strip().splitlines()[0]))
         time.sleep(0.5)
-    t.join(120)
-    assert box["r"].rc == 0, box["r"].err
+    assert t.is_alive(), f"the session ended before the job: {box.get('r')}"
     c.scancel("alice", str(job))
+    t.join(60)
     c.wait_accounted(job, "extern")
     final, row = 0.0, ""
     end = time.monotonic() + 15     # the extern stepd's own record follows slurmctld's
@@ -100,6 +103,7 @@ def test_adopted_session_cpu_in_sstat_and_sacct(adopter, platform_cluster, recor
     print(f"\n{adopter.name} on {c.platform}: sstat extern cpu {live:.1f} s; sacct extern {row}")
     assert live >= 1.0, f"sstat of {job}.extern saw {live} s of the session's 3 s CPU"
     assert final >= 1.0, f"sacct {job}.extern: {row!r} (the session burnt 3 s)"
+    assert final <= 4.0, f"sacct {job}.extern: {row!r}: the session's 3 s counted more than once"
 
 
 # ------------------------------------------------------------------------------ scancel
