@@ -111,14 +111,7 @@ class Run:
 
     def spawn_holder(self, socks) -> int:
         """Fork a `sleep` that inherits the given sockets (and holds them)."""
-        for s in socks:
-            os.set_inheritable(s.fileno(), True)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.execv("/bin/sleep", ["sleep", "100000"])
-            finally:
-                os._exit(127)
+        pid = spawn_sleeper([s.fileno() for s in socks])
         self.kids.append(pid)
         return pid
 
@@ -202,3 +195,17 @@ class Run:
                     time.sleep(0.05)
         self.cgdirs.clear()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def spawn_sleeper(fds) -> int:
+    """Fork a `sleep 100000` that inherits (and so holds) the file descriptors ``fds``; the
+    caller kills it by pid."""
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv("/bin/sleep", ["sleep", "100000"])
+        finally:
+            os._exit(127)
+    return pid

@@ -42,6 +42,7 @@ from testbed.cluster import rmdir_retry  # noqa: E402
 from daemon import protocol as P  # noqa: E402
 from daemon.jobs import CgroupJobs  # noqa: E402
 from daemon.lookup import Lookup  # noqa: E402
+from bench_daemon_common import spawn_sleeper  # noqa: E402
 
 UNIFIED = "/sys/fs/cgroup/unified"
 
@@ -59,14 +60,7 @@ class Fleet:
         c = socket.create_connection(("127.0.0.1", self.port))
         s, _ = self.lst.accept()
         fds = [c.fileno(), s.fileno()] + [os.dup(self.null) for _ in range(extra_fds)]
-        for fd in fds:
-            os.set_inheritable(fd, True)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.execv("/bin/sleep", ["sleep", "100000"])
-            finally:
-                os._exit(127)
+        pid = spawn_sleeper(fds)
         self.pids.append(pid)
         ends = (c.getsockname(), c.getpeername())
         for fd in fds[2:]:
