@@ -347,8 +347,7 @@ class Logins:
                 raise PeerError("process %d exited before its adoption" % target.pid)
             if d.target == "job":
                 result = cgroups.adopt(layout, target.pid, d.job)
-                rec["how"] = getattr(result, "how", "cgroup")
-                rec["how_reason"] = getattr(result, "reason", None)
+                rec["how"], rec["how_reason"] = result.how, result.reason
             else:
                 cgroups.adopt_user(layout, target.pid, uid)
                 rec["how"] = "cgroup"
