@@ -95,6 +95,10 @@ def _handle(conn, step, log, n):
         keep = []
         fds = [_open_spec(s, keep) for s in step.get("fds", ())]
         rec["sent"] = [os.readlink("/proc/self/fd/%d" % fd) for fd in fds]
+        # the record is on disk before the reply leaves: a test that reads the records as soon
+        # as the client returned sees every exchange (a send error follows as a second line)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
         try:
             if fds:
                 conn.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -102,11 +106,13 @@ def _handle(conn, step, log, n):
             else:
                 conn.send(msg)
         except OSError as e:
-            rec["send_error"] = str(e)
+            log.write(json.dumps({"n": n, "send_error": str(e)}) + "\n")
+            log.flush()
         for fd in fds + keep:
             os.close(fd)
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
+    else:
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
     conn.close()
     return None
 
@@ -180,8 +186,13 @@ class ForgedDaemon:
     def records(self):
         if not os.path.exists(self.log):
             return []
+        recs = {}
         with open(self.log) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for line in f:
+                if line.strip():
+                    rec = json.loads(line)
+                    recs.setdefault(rec["n"], {}).update(rec)
+        return [recs[n] for n in sorted(recs)]
 
     def __enter__(self):
         return self.start()
