@@ -1,9 +1,9 @@
 """slurm-callerid: authenticated caller-ID ssh adoption for Slurm compute nodes.
 
-Installed into the project's own virtual environment (built from Debian's /usr/bin/python3,
-the interpreter the PAM module embeds), never into the system site-packages: the package
-names `daemon` and `cgroups` are generic and would clash with other distributions.
-See packaging/run.
+For development and the test suite it is installed into the project's own virtual environment
+(built from Debian's /usr/bin/python3; see packaging/run); sites install the Debian package
+(packaging/deb), which keeps the code in /usr/lib/slurm-callerid. Never into the system
+site-packages: the package names `daemon` and `cgroups` are generic and would clash.
 """
 import re
 from pathlib import Path
@@ -21,7 +21,9 @@ setup(
     python_requires=">=3.11",
     packages=["pam_callerid", "daemon", "cgroups"],
     package_data={"pam_callerid": ["pam_callerid.c"]},     # the PAM module's source
-    install_requires=["psutil>=5.9", "pyroute2>=0.7", "cffi>=1.15", "prometheus-client>=0.16"],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "python-pam>=2.0"]},
+    # pyroute2: only with SockDiag=pyroute2; cffi: libmunge; prometheus-client: metrics
+    install_requires=["pyroute2>=0.7", "cffi>=1.15", "prometheus-client>=0.16"],
+    # psutil: the lookup benchmark's comparison only
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "psutil>=5.9"]},
     entry_points={"console_scripts": ["callerid = pam_callerid.cli:main"]},
 )
