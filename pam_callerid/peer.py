@@ -21,6 +21,8 @@ import os
 import select
 import struct
 
+from cgroups.jobs import read_small, real_uid
+
 SO_PEERPIDFD = 77                  # <asm-generic/socket.h>, Linux >= 6.5
 _UCRED = struct.Struct("3i")       # struct ucred: pid, uid, gid
 
@@ -35,16 +37,10 @@ def _hz():
 
 def proc_stat(pid):
     """(comm, ppid, start ticks since boot) of ``pid`` from /proc/PID/stat, or None."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    raw = read_small(f"/proc/{pid}/stat", 4096)
+    if not raw:
         return None
-    try:
-        data = os.read(fd, 4096).decode("utf-8", "replace")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    data = raw.decode("utf-8", "replace")
     comm = data[data.find("(") + 1:data.rfind(")")]
     rest = data[data.rfind(")") + 2:].split()
     try:
@@ -56,13 +52,6 @@ def proc_stat(pid):
 def proc_exe(pid):
     try:
         return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
-def proc_uid(pid):
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
     except OSError:
         return None
 
@@ -155,7 +144,7 @@ def session_holder(peer, conn_inode):
         return peer
     ppid = st[1]
     exe = proc_exe(peer.pid)
-    if ppid <= 1 or exe is None or proc_exe(ppid) != exe or proc_uid(ppid) != 0 \
+    if ppid <= 1 or exe is None or proc_exe(ppid) != exe or real_uid(ppid) != 0 \
             or not holds_socket(ppid, conn_inode):
         return peer
     try:
