@@ -76,10 +76,19 @@ def cmd_daemon(args) -> int:
     lookup = make_lookup(cfg)
     overrides = {k: v for k, v in (("port", args.port), ("log_level", args.log_level))
                  if v is not None}
-    exporter, ready = _metrics(cfg, log)
+    inherited = None
+    if args.serve_fds:                  # one of several serving processes (daemon.group)
+        from .group import decode_fds
+        inherited = decode_fds(args.serve_fds)
+        exporter, ready = None, None
+    else:
+        exporter, ready = _metrics(cfg, log)
+    from .group import helper_argv
     try:
         return asyncio.run(run(cfg, auth, lookup, reload=reloader(args.config, overrides),
-                               ready=ready))
+                               ready=ready, inherited=inherited,
+                               helper_argv=lambda port: helper_argv(args.config, port,
+                                                                    args.log_level)))
     except OSError as e:
         _err(str(e))
         return EXIT_LISTEN
@@ -164,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", "-c", dest="config_sub")
     d.add_argument("--port", type=int, help="override Port")
     d.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    d.add_argument("--serve-fds", help=argparse.SUPPRESS)    # daemon.group's helpers
     d.set_defaults(func=cmd_daemon)
     q = sub.add_parser("query", help="ask HOST's daemon which job owns its end of a connection")
     q.add_argument("--config", "-c", dest="config_sub")

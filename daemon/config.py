@@ -53,6 +53,7 @@ _FIELDS = (
     ("connection_timeout", 5.0),
     ("max_clock_skew", 60.0),
     ("workers", 4),
+    ("processes", 1),
     ("log_level", "info"),
     ("query_timeout", 2.0),
     ("reserved_source_port", True),
@@ -112,6 +113,10 @@ class Config:
         uid = _uid_of(self.reply_user)
         return frozenset({0} if uid is None else {0, uid})
 
+    def serving_processes(self) -> int:
+        """Processes that serve the caller-ID port (Processes; 0: one per CPU we may use)."""
+        return self.processes or min(64, len(os.sched_getaffinity(0)))
+
     def node(self) -> str:
         if self.node_name:
             return self.node_name
@@ -158,6 +163,7 @@ _KEYS = {
     "connectiontimeout": ("connection_timeout", float, _pos),
     "maxclockskew": ("max_clock_skew", float, _pos),
     "workers": ("workers", int, lambda x: 0 < x <= 64),
+    "processes": ("processes", int, lambda x: 0 <= x <= 64),
     "loglevel": ("log_level", lambda v: v.strip().lower(),
                  lambda x: x in ("debug", "info", "warning", "error")),
     "querytimeout": ("query_timeout", float, _pos),
@@ -172,7 +178,8 @@ KEY_NAMES = {
     "maxconnections": "MaxConnections", "ratelimit": "RateLimit", "rateburst": "RateBurst",
     "rootshare": "RootShare", "firstbytetimeout": "FirstByteTimeout",
     "requesttimeout": "RequestTimeout", "connectiontimeout": "ConnectionTimeout",
-    "maxclockskew": "MaxClockSkew", "workers": "Workers", "loglevel": "LogLevel",
+    "maxclockskew": "MaxClockSkew", "workers": "Workers", "processes": "Processes",
+    "loglevel": "LogLevel",
     "querytimeout": "QueryTimeout", "reservedsourceport": "ReservedSourcePort",
 }
 

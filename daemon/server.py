@@ -42,55 +42,23 @@ from . import wire
 from .admission import FairQueue, Holders, TokenBuckets, hinted
 from .auth import AuthError, AuthUnavailable
 from .lookup import HolderScan, Lookup
+from .replay import ReplayCache
 
 log = logging.getLogger("callerid")
 security = logging.getLogger("callerid.security")
-
-
-class ReplayCache:
-    """Request nonces seen within the clock-skew window; bounded.
-
-    When full, the oldest entry is evicted and every request not newer than the evicted one is
-    refused from then on (the window shrinks rather than the protection)."""
-
-    def __init__(self, window_ms: int, max_entries: int = 131072):
-        self.window_ms = window_ms
-        self.max_entries = max_entries
-        self._d: collections.OrderedDict[bytes, int] = collections.OrderedDict()
-        self._floor = 0
-        self._lock = threading.Lock()
-
-    def check_and_add(self, nonce: bytes, ts_ms: int, now_ms: int | None = None) -> str | None:
-        """None if fresh, else a reason token."""
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        if abs(now_ms - ts_ms) > self.window_ms:
-            return "stale-timestamp"
-        with self._lock:
-            while self._d:
-                k, t = next(iter(self._d.items()))
-                if t < now_ms - self.window_ms:
-                    self._d.popitem(last=False)
-                else:
-                    break
-            if ts_ms <= self._floor:
-                return "stale-timestamp"
-            if nonce in self._d:
-                return "replayed"
-            self._d[nonce] = ts_ms
-            while len(self._d) > self.max_entries:
-                _, t = self._d.popitem(last=False)
-                self._floor = max(self._floor, t)
-        return None
 
 
 class Handler:
     """Synchronous request processing (runs in a worker thread): auth, limits, lookup, authz,
     reply.  `auth`, `lookup` and the limits are replaced as a whole on reload."""
 
-    def __init__(self, cfg, auth, lookup: Lookup, *, node: str):
+    def __init__(self, cfg, auth, lookup: Lookup, *, node: str, replay: ReplayCache | None = None,
+                 processes: int = 1):
+        """processes: how many serve the port; this one takes its share of the rate limit."""
         self.auth = auth
         self.lookup = lookup
-        self.replay = ReplayCache(int(cfg.max_clock_skew * 1000))
+        self.processes = processes
+        self.replay = replay or ReplayCache(int(cfg.max_clock_skew * 1000))
         self.counts = collections.Counter()     # answers by status, admission events
         self.holder_scan = HolderScan()
         self.configure(cfg, node)
@@ -98,7 +66,8 @@ class Handler:
     def configure(self, cfg, node: str):
         self.node = node
         self.slurm_uid = cfg.slurm_uid()
-        self.user_rate = TokenBuckets(cfg.rate_limit, cfg.rate_burst)
+        n = self.processes
+        self.user_rate = TokenBuckets(cfg.rate_limit / n, max(1, -(-cfg.rate_burst // n)))
         self.log_unknown_holder = cfg.log_unknown_holder
         self.replay.window_ms = int(cfg.max_clock_skew * 1000)
         self.debug = log.isEnabledFor(logging.DEBUG)
@@ -358,6 +327,19 @@ class LatencyHistogram:
         self.counts[hint][bisect.bisect_left(self.BOUNDS, seconds)] += 1
         self.sums[hint] += seconds
 
+    def state(self) -> list:
+        """[counts other, counts reserved, sums]: what a helper reports (daemon.group)."""
+        return [self.counts[0], self.counts[1], self.sums]
+
+    def merged(self, states) -> "LatencyHistogram":
+        """This histogram plus other processes' states."""
+        out = LatencyHistogram()
+        for counts0, counts1, sums in [self.state(), *states]:
+            for hint, counts in ((0, counts0), (1, counts1)):
+                out.counts[hint][:] = [a + b for a, b in zip(out.counts[hint], counts)]
+                out.sums[hint] += sums[hint]
+        return out
+
     def quantile(self, hint: bool, q: float) -> float:
         """Upper bound (s) of the bucket holding quantile q (inf past the last bound)."""
         counts = self.counts[hint]
@@ -456,12 +438,19 @@ class Server:
     SWEEP = 0.1            # seconds between deadline sweeps
     STATS_EVERY = 60.0     # seconds between "event=stats" summaries (only when they changed)
 
-    def __init__(self, cfg, auth, lookup: Lookup, *, node: str | None = None, clock=None):
+    def __init__(self, cfg, auth, lookup: Lookup, *, node: str | None = None, clock=None,
+                 processes: int = 1, replay: ReplayCache | None = None):
         """clock: the time source of the deadlines and the stats line (default: the event
-        loop's monotonic clock); tests pass one they can move."""
+        loop's monotonic clock); tests pass one they can move.  processes: how many serve
+        the port (daemon.group); this one takes its share of the limits.  replay: the
+        shared table (a helper's)."""
         self.cfg = cfg
         self._node_override = node
-        self.handler = Handler(cfg, auth, lookup, node=node or cfg.node())
+        self.processes = processes
+        self.handler = Handler(cfg, auth, lookup, node=node or cfg.node(), replay=replay,
+                               processes=processes)
+        self.helpers = None           # daemon.group.Helpers, in the first of several processes
+        self.link = None              # daemon.group.HelperLink, in a helper
         self.queue = FairQueue(cfg.root_share)
         self.holders = (Holders(), Holders())     # [hint]: False = other, True = reserved port
         self.workers: _Workers | None = None
@@ -543,11 +532,12 @@ class Server:
         return out
 
     def _set_limits(self, cfg):
-        usable = _raise_fd_limit(cfg.max_connections + FD_RESERVE) - FD_RESERVE
-        self.max_connections = max(1, min(cfg.max_connections, usable))
-        if self.max_connections < cfg.max_connections:
+        share = -(-cfg.max_connections // self.processes)
+        usable = _raise_fd_limit(share + FD_RESERVE) - FD_RESERVE
+        self.max_connections = max(1, min(share, usable))
+        if self.max_connections < share:
             log.warning("event=max-connections-lowered configured=%d effective=%d reason=fd-limit",
-                        cfg.max_connections, self.max_connections)
+                        share, self.max_connections)
 
     # -- the periodic sweep ----------------------------------------------------------------------
     SWEEP_SLICE = 200      # connections closed per turn of the loop (accepts run in between)
@@ -559,7 +549,9 @@ class Server:
         """Every SWEEP seconds: log the traffic summary when due, keep the garbage
         collector's passes short, close the connections past a deadline."""
         now = self.now()
-        if now >= self._stats_due:
+        if self.link is not None:
+            self.link.tick(now)
+        elif now >= self._stats_due:
             self._stats_due = now + self.STATS_EVERY
             self.log_stats()
         self._gc(now)
@@ -611,12 +603,26 @@ class Server:
         for root), rate-limited (uid over RateLimit), auth-failures, replays, violations
         (asked about another user's job), hinted-not-root.  Gauges: active (connections), pending (connections without a
         complete request), queued (requests waiting for a worker)."""
+        own = self.own_snapshot()
+        if self.helpers is None:
+            return own
+        from .group import merge_snapshots
+        return merge_snapshots(own, self.helpers.snapshots())
+
+    def own_snapshot(self) -> dict:
+        """This process's part of snapshot()."""
         snap = dict(self.stats)
         snap.update(self.handler.counts)
         snap["active"] = self.active
         snap["pending"] = len(self.holders[0]) + len(self.holders[1])
         snap["queued"] = self.queue.waiting
         return snap
+
+    def latency_all(self) -> LatencyHistogram:
+        """The latency histogram over every serving process."""
+        if self.helpers is None:
+            return self.latency
+        return self.latency.merged(self.helpers.latencies())
 
     GAUGES = ("active", "pending", "queued")
 
@@ -631,7 +637,9 @@ class Server:
             log.info("event=stats %s", line)
 
     # -- start, accept, stop -----------------------------------------------------------------------
-    async def start(self) -> list[str]:
+    async def start(self, inherited: dict | None = None) -> list[str]:
+        """Listen (or, in a helper, take the first process's listeners: `inherited` is
+        daemon.group.decode_fds's answer) and start the workers and the sweep."""
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._set_limits(self.cfg)
@@ -640,6 +648,15 @@ class Server:
         self._gc_freeze_due = self.now()
         self._gc_full_due = self.now() + self.GC_FULL_EVERY
         self.loop.call_later(self.SWEEP, self._sweep)
+        if inherited is not None:
+            bound = self._adopt(inherited)
+        else:
+            bound = self._bind_all()
+        for s in self.listeners:
+            self.loop.add_reader(s.fileno(), self._accept, s)
+        return bound
+
+    def _bind_all(self) -> list[str]:
         bound = []
         errors = []
         port = self.cfg.port
@@ -653,16 +670,24 @@ class Server:
             name = group[0].getsockname()
             if port == 0:
                 port = name[1]
-            bound.append(f"[{name[0]}]:{name[1]}" if group[0].family == socket.AF_INET6
-                         else f"{name[0]}:{name[1]}")
-            for s in group:
-                self.loop.add_reader(s.fileno(), self._accept, s)
+            bound.append(_sockname(group[0]))
         if not self.listeners:
             raise OSError(f"cannot listen: {'; '.join(errors)}")
         for e in errors:
             log.warning("event=listen-failed address=%s", e)
         self.port = port
         return bound
+
+    def _adopt(self, inherited: dict) -> list[str]:
+        first = set(inherited["first"])
+        for fd in inherited["listen"]:
+            s = socket.socket(fileno=fd)
+            s.setblocking(False)
+            self.listeners.append(s)
+            if fd in first:
+                self.first_listeners.append(s)
+        self.port = self.listeners[0].getsockname()[1]
+        return sorted({_sockname(s) for s in self.listeners})
 
     def _make_room(self) -> bool:
         """At the cap: reset the oldest pending connection of the biggest holder (reserved
@@ -729,7 +754,13 @@ class Server:
         for c in list(self.conns):
             c._finish(abort=True)
         self.workers.close()
-        lat = self.latency
+        if self.link is not None:              # a helper: the first process logs the sum
+            self.link.tick(self.now(), final=True)
+            log.info("event=helper-stopped answered=%d", self.stats["answered"])
+            return
+        if self.helpers is not None:
+            self.helpers.stop()
+        lat = self.latency_all()
         log.info("event=stopped %s p50-ms-reserved<=%s p99-ms-reserved<=%s p99-ms-other<=%s",
                  self.stats_line(), *(lat.quantile(h, q) * 1e3 for h, q in
                                       ((True, 0.5), (True, 0.99), (False, 0.99))))
@@ -741,7 +772,7 @@ class Server:
         Port, ListenAddresses and Workers need a restart."""
         old = self.cfg
         for key, attr in (("Port", "port"), ("ListenAddresses", "listen_addresses"),
-                          ("Workers", "workers")):
+                          ("Workers", "workers"), ("Processes", "processes")):
             if getattr(cfg, attr) != getattr(old, attr):
                 log.warning("event=reload-needs-restart key=%s running=%r file=%r", key,
                             getattr(old, attr), getattr(cfg, attr))
@@ -804,6 +835,11 @@ def steer_reserved_ports(sock: socket.socket, n: int) -> None:
                     struct.pack("HL", len(prog), ctypes.addressof(buf)))
 
 
+def _sockname(s: socket.socket) -> str:
+    name = s.getsockname()
+    return f"[{name[0]}]:{name[1]}" if s.family == socket.AF_INET6 else f"{name[0]}:{name[1]}"
+
+
 def set_log_level(level: str):
     logging.getLogger("callerid").setLevel(getattr(logging, level.upper(), logging.INFO))
 
@@ -842,24 +878,49 @@ def reloader(path: str | None, overrides: dict | None = None):
 SWITCH_INTERVAL = 0.0005
 
 
-async def run(cfg, auth, lookup, *, ready=None, reload=None) -> int:
+async def run(cfg, auth, lookup, *, ready=None, reload=None, inherited=None,
+              helper_argv=None) -> int:
     """Serve until SIGTERM/SIGINT.  `reload`: callable -> (cfg, auth, lookup) run on SIGHUP
-    (default: re-read cfg.source).  `ready(server)` is called once listening."""
+    (default: re-read cfg.source).  `ready(server)` is called once listening.  With
+    Processes > 1 (daemon.group): `helper_argv(port)` is the command line of the other
+    serving processes, which this one starts; in one of those, `inherited` holds the fds
+    it was given."""
     # The loop thread and the workers share the GIL: a worker coming back from munged waits
     # for it up to the switch interval (5 ms by default), several times per answer while
     # the loop is busy (junk load).  0.5 ms keeps answers within their budget then.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    srv = Server(cfg, auth, lookup)
-    bound = await srv.start()
+    n = cfg.serving_processes()
+    replay = None
+    if inherited is not None:
+        replay = ReplayCache(int(cfg.max_clock_skew * 1000), fd=inherited["replay"])
+    srv = Server(cfg, auth, lookup, processes=n, replay=replay)
+    bound = await srv.start(inherited)
     loop = asyncio.get_running_loop()
     if reload is None:
         reload = reloader(None if cfg.source == "<defaults>" else cfg.source)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, srv.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(srv.reload(reload)))
-    log.info("event=listening node=%s addresses=%s auth=%s sockdiag=%s max_connections=%d pid=%d",
-             srv.handler.node, ",".join(bound), auth.name, lookup.sock_backend,
-             srv.max_connections, os.getpid())
+    if inherited is not None:
+        from .group import HelperLink
+        srv.link = HelperLink(srv, inherited["control"])
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(srv.reload(reload)))
+        log.info("event=helper-listening index=%d addresses=%s pid=%d", inherited["index"],
+                 ",".join(bound), os.getpid())
+        await srv.serve_until_stopped()
+        return 0
+    if n > 1:
+        from .group import Helpers
+        srv.handler.replay.share()
+        srv.helpers = Helpers(srv, n, helper_argv(srv.port)).start()
+
+    def hup():
+        loop.create_task(srv.reload(reload))
+        if srv.helpers is not None:
+            srv.helpers.signal(signal.SIGHUP)
+    loop.add_signal_handler(signal.SIGHUP, hup)
+    log.info("event=listening node=%s addresses=%s auth=%s sockdiag=%s processes=%d "
+             "max_connections=%d pid=%d", srv.handler.node, ",".join(bound), auth.name,
+             lookup.sock_backend, n, srv.max_connections * n, os.getpid())
     if ready is not None:
         ready(srv)
     await srv.serve_until_stopped()

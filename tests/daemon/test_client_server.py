@@ -19,7 +19,8 @@ from daemon.config import Config, parse_config, ConfigError
 from daemon.jobs import CgroupJobs
 from daemon.lookup import Lookup
 from daemon.admission import TokenBuckets
-from daemon.server import Server, ReplayCache
+from daemon.server import Server
+from daemon.replay import ReplayCache
 
 from .conftest import NOBODY, PY, ROOT
 
@@ -333,14 +334,35 @@ def test_connection_cap_reclaims_pending_connections():
 
 
 def test_replay_cache_bounded():
-    rc = ReplayCache(window_ms=60000, max_entries=10)
+    """A full table evicts and raises its floor: no request seen is ever accepted again,
+    a newer fresh one is."""
+    rc = ReplayCache(window_ms=60000, max_entries=16)
     now = 1_000_000
-    for i in range(20):
-        assert rc.check_and_add(bytes([i]) * 16, now + i, now_ms=now + 20) is None
-    assert len(rc._d) == 10
-    assert rc.check_and_add(bytes([0]) * 16, now + 0, now_ms=now + 20) == "stale-timestamp"
-    assert rc.check_and_add(bytes([15]) * 16, now + 15, now_ms=now + 20) == "replayed"
-    assert rc.check_and_add(b"n" * 16, now - 70000, now_ms=now) == "stale-timestamp"
+    for i in range(200):
+        assert rc.check_and_add(i.to_bytes(16, "little"), now + i, now_ms=now + 200) is None
+    assert os.fstat(rc.fd).st_size < 4096                    # bounded: 16 slots
+    for i in range(200):
+        assert rc.check_and_add(i.to_bytes(16, "little"), now + i, now_ms=now + 200) in \
+            ("replayed", "stale-timestamp")
+    assert rc.check_and_add(b"n" * 16, now + 201, now_ms=now + 201) is None
+    assert rc.check_and_add(b"o" * 16, now - 70000, now_ms=now) == "stale-timestamp"
+    rc.close()
+
+
+def test_replay_cache_shared_between_processes():
+    """A nonce recorded through one process's mapping is refused through another's."""
+    rc = ReplayCache(window_ms=60000)
+    rc.share()
+    nonce, ts = os.urandom(16), int(time.time() * 1000)
+    code = ("import sys; from daemon.replay import ReplayCache; "
+            "rc = ReplayCache(60000, fd=int(sys.argv[1])); "
+            "print(rc.check_and_add(bytes.fromhex(sys.argv[2]), int(sys.argv[3])))")
+    out = subprocess.run([PY, "-c", code, str(rc.fd), nonce.hex(), str(ts)], pass_fds=[rc.fd],
+                         capture_output=True, text=True, cwd=str(ROOT), timeout=30,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "None", out.stderr
+    assert rc.check_and_add(nonce, ts) == "replayed"
+    rc.close()
 
 
 def test_rate_limiter_table_bounded():

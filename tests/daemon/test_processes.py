@@ -1,0 +1,128 @@
+"""Several serving processes on one port (`Processes`, daemon/group.py), the real daemon on
+loopback: every process answers, the stats are summed, a SIGHUP reaches each, a request
+replayed to another process is refused, a helper that dies is replaced, SIGTERM stops all."""
+import os
+import re
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from daemon import client as C
+from daemon import protocol as P
+from daemon import wire
+from daemon.auth import HmacAuth, load_key, write_key
+from daemon.group import REPORT_EVERY
+
+from .test_hostile import JOB, Daemon, target  # noqa: F401  (target: a fixture)
+from .test_netns import _wait_log
+
+pytestmark = pytest.mark.root
+
+
+def _helper_pids(d) -> list[int]:
+    return [int(p) for p in re.findall(r"event=helper-started index=\d+ pid=(\d+)", d.text())]
+
+
+def _wait_helpers(d, n, timeout=15.0):
+    end = time.monotonic() + timeout
+    while d.text().count("event=helper-listening") < n and time.monotonic() < end:
+        time.sleep(0.05)
+    assert d.text().count("event=helper-listening") >= n, d.text()
+
+
+def _ask_many(d, target, auth, n=200, threads=32):
+    src, dst = target
+    with ThreadPoolExecutor(threads) as ex:
+        return list(ex.map(lambda _: C.query("127.0.0.1", d.port, src, dst, auth=auth, timeout=5),
+                           range(n)))
+
+
+@pytest.fixture
+def hmac_daemon(procs, tmp_root_dir, jobcg):
+    key = str(tmp_root_dir / f"k-{os.getpid()}-{time.monotonic_ns()}")
+    write_key(key)
+
+    def make(extra=""):
+        conf = f"AuthType=hmac\nKeyFile={key}\nCgroupRoots={jobcg.root}\nProcesses=3\n{extra}"
+        d = Daemon(procs, tmp_root_dir, conf).start()
+        d.key, d.conf_text = key, conf
+        _wait_helpers(d, 2)
+        return d
+    return make
+
+
+def test_every_process_answers_and_the_stats_are_summed(hmac_daemon, target):  # noqa: F811
+    d = hmac_daemon()
+    auth = HmacAuth(load_key(d.key))
+    answers = _ask_many(d, target, auth)
+    assert [a.outcome for a in answers] == [C.FOUND] * 200
+    assert {a.job_id for a in answers} == {JOB}
+    stats = d.stop_stats()
+    helpers = [int(n) for n in re.findall(r"event=helper-stopped answered=(\d+)", d.text())]
+    assert len(helpers) == 2 and all(n > 0 for n in helpers), d.text()
+    assert stats["answered"] == stats["answers-found"] == 200, stats
+    assert stats["connections"] == 200, stats
+    for pid in _helper_pids(d):                          # SIGTERM stopped them all
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_sighup_reaches_every_process(hmac_daemon, target):  # noqa: F811
+    d = hmac_daemon()
+    old = HmacAuth(load_key(d.key))
+    os.unlink(d.key)
+    write_key(d.key)
+    new = HmacAuth(load_key(d.key))
+    d.write(d.conf_text + "RateLimit=7\n")
+    d.proc.send_signal(signal.SIGHUP)
+    end = time.monotonic() + 10
+    while d.text().count("event=reloaded") < 3 and time.monotonic() < end:
+        time.sleep(0.05)
+    assert d.text().count("event=reloaded") == 3, d.text()      # the first process + 2
+    assert [a.outcome for a in _ask_many(d, target, new, n=90)] == [C.FOUND] * 90
+    assert [a.outcome for a in _ask_many(d, target, old, n=90)] == [C.INVALID] * 90
+    stats = d.stop_stats()
+    assert stats["reloads"] == 1, stats                 # one SIGHUP, counted once
+
+
+def test_request_replayed_to_any_process_is_refused(hmac_daemon, target):  # noqa: F811
+    d = hmac_daemon()
+    auth = HmacAuth(load_key(d.key))
+    src, dst = target
+    req = P.Request.make(*C.parse_endpoint(src), *C.parse_endpoint(dst))
+    frame = wire.seal_request(req, auth)
+
+    def send(_):
+        with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+            s.sendall(frame)
+            data = b""
+            while chunk := s.recv(4096):                # the daemon closes after its reply
+                data += chunk
+        return wire.open_reply(P.decode_frame(data), auth, req.nonce).status
+    with ThreadPoolExecutor(16) as ex:
+        statuses = list(ex.map(send, range(60)))
+    assert statuses.count(P.STATUS_FOUND) == 1, statuses
+    assert statuses.count(P.STATUS_REFUSED) == 59, statuses
+    stats = d.stop_stats()
+    assert stats["replays"] == 59, stats
+
+
+def test_a_helper_that_dies_is_replaced(hmac_daemon, target):  # noqa: F811
+    d = hmac_daemon()
+    auth = HmacAuth(load_key(d.key))
+    assert [a.outcome for a in _ask_many(d, target, auth, n=50)] == [C.FOUND] * 50
+    time.sleep(2 * REPORT_EVERY)                         # every helper has reported them
+    victim = _helper_pids(d)[0]
+    os.kill(victim, signal.SIGKILL)                      # a helper of our own daemon
+    _wait_log(d.log, "event=helper-exited", proc=d.proc)
+    end = time.monotonic() + 10
+    while len(_helper_pids(d)) < 3 and time.monotonic() < end:
+        time.sleep(0.05)
+    assert len(_helper_pids(d)) == 3, d.text()
+    _wait_helpers(d, 3)
+    assert [a.outcome for a in _ask_many(d, target, auth, n=100)] == [C.FOUND] * 100
+    stats = d.stop_stats()
+    assert stats["answered"] == 150, stats               # the dead helper's answers are kept
