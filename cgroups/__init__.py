@@ -36,6 +36,8 @@ job owner: v1 uid_<U>; v2 task processes' real uid, else the extern
 adoption: the extern stepd (REQUEST_ADD_EXTERN_PID), else
     cgroup.procs of step_extern in every controller where it
     exists (memory included); v2 step_extern/user/task_special  adoption.adopt -> Adoption
+v1 entry by the process itself ("0" into each tasks file: no
+    RCU grace period)                                           adoption.open_entry
 user-level fallback: v1 uid_<U>; v2 configured cgroup           adoption.adopt_user
 job container mount namespace (stepd GET_NS_FD[S], else
     job_container/tmpfs <BasePath>[/<node>]/<job>/.ns)          namespace.job_namespace_fd
@@ -49,6 +51,7 @@ list_jobs(layout, uid=None, *, owner_resolver=None, stepd="fallback"|"always"|"n
 user_jobs(layout, uid, **same)
 adopt(layout, pid, job, *, stepd_timeout=0.5, verify=True, use_stepd=True) -> Adoption
 adopt_user(layout, pid, uid, *, verify=True) -> [dirs]
+open_entry(layout, job) -> [(Target, fd)]   (v1: the extern step's tasks files, for writing)
 job_namespace_fd(layout, job, *, stepd_timeout=0.5, use_stepd=True) -> fd | None
 x11_display(layout, job, *, timeout=0.5) -> (display, xauthority | None) | None
 step_uid(socket_path, timeout=0.5) -> uid;  query_step_uid(...) -> StepReply
@@ -74,6 +77,7 @@ _LAZY = {
     "newest": "paths", "parse_proc_cgroup": "paths", "job_from_proc_cgroup": "paths",
     "JobRef": "paths", "CgroupParseError": "paths", "parse_mounts": "paths",
     "adopt": "adoption", "adopt_user": "adoption", "Adoption": "adoption",
+    "open_entry": "adoption",
     "job_namespace_fd": "namespace",
     "step_uid": "stepd", "query_step_uid": "stepd", "x11_display": "stepd",
     "parse_conf_text": "conf", "load_conf": "conf", "Conf": "conf", "parse_bool": "conf",

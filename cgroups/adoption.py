@@ -13,6 +13,15 @@
    accounting does not see such a pid; the cgroups (limits, scancel) do.
 
 Writing a pid that is already there is a no-op for the kernel: adoption is idempotent.
+
+3. **Entry by the process itself** (cgroup v1, :func:`open_entry`): the extern step's ``tasks``
+   files, opened here and handed to a single-threaded process that writes ``0`` into each.
+   The kernel then moves only the calling thread and skips the global
+   ``cgroup_threadgroup_rwsem`` (``cgroup_procs_write_start`` in kernel/cgroup/cgroup.c:
+   "If we migrate a single thread ... we can skip the global lock"), so the move costs no RCU
+   grace period: 0.03 ms instead of 6-20 ms measured on this machine's 6.18 kernel. The stepd
+   way still follows (its writes are then no-ops; its accounting is what it adds). cgroup v2
+   has no such path (``cgroup.threads`` only moves threads within one domain).
 """
 import errno
 import os
@@ -94,16 +103,37 @@ def extern_targets(layout, job, isdir=os.path.isdir):
     return found
 
 
+def open_entry(layout, job):
+    """cgroup v1 only: ``[(Target, fd)]``, the ``tasks`` file of every controller where
+    ``job``'s extern step exists (memory included), opened for writing, for a single-threaded
+    process to enter by writing ``0`` (module docstring, 3). The caller closes the fds.
+    Raises JobGone / LayoutNotFound / PermissionDenied."""
+    if layout.version != 1:
+        raise LayoutNotFound("entry by the process itself needs cgroup v1 (tasks files)")
+    out = []
+    try:
+        for t in extern_targets(layout, job):
+            out.append((t, _open_for_write(f"{t.dir}/tasks", job.job_id, "enter")))
+    except BaseException:
+        for _, fd in out:
+            os.close(fd)
+        raise
+    return out
+
+
+def _open_for_write(path, job_id, why):
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise JobGone(f"job {job_id} ended: {path} no longer exists", job_id) from None
+    except PermissionError as e:
+        raise PermissionDenied(f"cannot open {path} to {why} it: {e.strerror} (must run as "
+                               f"root)", path) from None
+
+
 def _write_pid(path, pid, job_id, what):
     """Write ``pid`` into the cgroup.procs file ``path``; map errno to our exceptions."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise JobGone(f"job {job_id} ended before pid {pid} could be adopted: "
-                      f"{path} no longer exists", job_id) from None
-    except PermissionError as e:
-        raise PermissionDenied(f"cannot open {path} to adopt pid {pid} into {what}: "
-                               f"{e.strerror} (must run as root)", path) from None
+    fd = _open_for_write(path, job_id, f"adopt pid {pid} into {what} through")
     try:
         os.write(fd, b"%d" % pid)
     except OSError as e:

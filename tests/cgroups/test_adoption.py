@@ -76,6 +76,34 @@ def test_fallback_controller_set_includes_memory(tmp_path):
         adoption.extern_targets(L3, cgroups.Job(6, 1000, 0, "n1"))
 
 
+def test_open_entry_opens_every_tasks_file_for_writing(tmp_path):
+    """v1: one writable fd per controller where the extern step exists (memory included, a
+    synthetic tree here); v2 has no such entry."""
+    mounts = {c: str(tmp_path / c) for c in ("memory", "freezer", "cpuset")}
+    rel = "/slurm_n1/uid_1000/job_5/step_extern"
+    for c in ("memory", "freezer"):
+        os.makedirs(mounts[c] + rel)
+        open(f"{mounts[c]}{rel}/tasks", "w").close()
+    os.mkdir(tmp_path / "spool")
+    L = Layout(1, "n1", str(tmp_path / "spool"), v1_mounts=mounts, v1_prefix="/slurm_n1")
+    entry = cgroups.open_entry(L, cgroups.Job(5, 1000, 0, "n1"))
+    try:
+        assert [t.ctrl for t, _ in entry] == ["freezer", "memory"]
+        for t, fd in entry:
+            os.write(fd, b"0")
+            with open(f"{t.dir}/tasks") as f:
+                assert f.read() == "0"
+    finally:
+        for _, fd in entry:
+            os.close(fd)
+    with pytest.raises(JobGone, match="job 6"):
+        cgroups.open_entry(L, cgroups.Job(6, 1000, 0, "n1"))
+    L2 = Layout(2, "n1", str(tmp_path / "spool"), v2_mount=str(tmp_path),
+                v2_scope="/system.slice/n1_slurmstepd.scope")
+    with pytest.raises(cgroups.LayoutNotFound, match="v1"):
+        cgroups.open_entry(L2, cgroups.Job(5, 1000, 0, "n1"))
+
+
 # ---------------------------------------------------------------- the stepd way
 
 def _slurm_like(tree, version, job, ctrls):
