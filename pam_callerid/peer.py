@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+from dataclasses import dataclass
 
 from cgroups.jobs import read_small, real_uid
 
@@ -35,16 +36,26 @@ def _hz():
     return os.sysconf("SC_CLK_TCK")
 
 
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """What we use of /proc/PID/stat: comm, ppid (field 4), threads (field 20), start
+    (field 22: clock ticks since boot)."""
+    comm: str
+    ppid: int
+    threads: int
+    start: int
+
+
 def proc_stat(pid):
-    """(comm, ppid, start ticks since boot) of ``pid`` from /proc/PID/stat, or None."""
+    """:class:`Stat` of ``pid``, or None."""
     raw = read_small(f"/proc/{pid}/stat", 4096)
     if not raw:
         return None
     data = raw.decode("utf-8", "replace")
     comm = data[data.find("(") + 1:data.rfind(")")]
-    rest = data[data.rfind(")") + 2:].split()
+    rest = data[data.rfind(")") + 2:].split()           # rest[0] is field 3
     try:
-        return comm, int(rest[1]), int(rest[19])        # fields 4 (ppid) and 22 (starttime)
+        return Stat(comm, int(rest[1]), int(rest[17]), int(rest[19]))
     except (IndexError, ValueError):
         return None
 
@@ -105,7 +116,7 @@ def _open_checked(pid, accepted_ticks):
     except OSError as e:
         raise PeerError(f"peer pid {pid} is gone ({e.strerror})") from None
     st = proc_stat(pid)
-    if st is None or st[2] > accepted_ticks:
+    if st is None or st.start > accepted_ticks:
         os.close(pidfd)
         raise PeerError(f"peer pid {pid} was recycled (started after the connection)")
     return pidfd
@@ -142,7 +153,7 @@ def session_holder(peer, conn_inode):
     st = proc_stat(peer.pid)
     if st is None:
         return peer
-    ppid = st[1]
+    ppid = st.ppid
     exe = proc_exe(peer.pid)
     if ppid <= 1 or exe is None or proc_exe(ppid) != exe or real_uid(ppid) != 0 \
             or not holds_socket(ppid, conn_inode):
@@ -153,7 +164,7 @@ def session_holder(peer, conn_inode):
         return peer
     # the pidfd is the real parent if the child still lives and still names it as parent
     again = proc_stat(peer.pid)
-    if not peer.alive() or again is None or again[1] != ppid:
+    if not peer.alive() or again is None or again.ppid != ppid:
         os.close(pidfd)
         return peer
     return Process(ppid, pidfd, "[priv] parent")
