@@ -15,7 +15,17 @@
  *            conn (the TCP connection found among this process's fds), ssh_connection,
  *            silent, and every module argument as arg=... in order;
  *   reply    "callerid-pam 1\n" then rc= (once), error=, info=, env= (repeatable),
- *            setns=mnt with exactly one fd attached (SCM_RIGHTS), setns_fail=.
+ *            setns=mnt with exactly one fd attached (SCM_RIGHTS), setns_fail=,
+ *            enter=N with N more fds: cgroup v1 `tasks` files of the job's extern step,
+ *            enter_fail=, enter_error=, enter_info= (once each: what to do if entering
+ *            them fails);
+ *   ack      after a reply with enter=: "callerid-pam 1\nentered=ok\n" (or
+ *            "entered=failed: REASON"), once "0" was written into each of those files.
+ *
+ * Writing "0" moves the calling thread only, which for this single-threaded process is the
+ * whole process, and lets the kernel skip its global threadgroup lock and the RCU grace
+ * period that comes with it (6-20 ms here; see cgroups/adoption.py).  The daemon sends
+ * enter= only for a process it has checked is single-threaded.
  *
  * Every message is UTF-8 text of at most 16384 bytes, one "key=value\n" per line, no NUL; a
  * value never holds a newline (an argument or PAM item that does is not sent, and logged).
@@ -54,7 +64,8 @@
 
 #define MAGIC "callerid-pam 1"
 #define MAX_MSG 16384                 /* protocol v1: the longest message, both ways */
-#define MAX_FDS 4                     /* control-data room; a valid reply carries at most 1 */
+#define MAX_ENTER 12                  /* enter=N: at most this many tasks files */
+#define MAX_FDS (1 + MAX_ENTER)       /* control-data room: the namespace fd + the tasks files */
 #define DEFAULT_SOCKET "/run/callerid/pam.sock"
 #define DEFAULT_TIMEOUT_MS 2000
 #define MIN_TIMEOUT_MS 50
@@ -644,22 +655,44 @@ static int recv_reply(int fd, char *rep, size_t *replen, int *fds, int *nfds,
     return -1;
 }
 
-/* The whole exchange under one deadline: 0 with the reply and its fds, or -1. */
+/* The whole exchange under one deadline: the connection (still open, for the ack) with the
+   reply and its fds, or -1. */
 static int exchange(const struct opts *o, const struct msg *req, char *rep, size_t *replen,
                     int *fds, int *nfds, struct failure *f)
 {
     long long deadline = now_ns() + o->timeout_ms * 1000000LL;
-    int fd, r;
+    int fd;
 
     *nfds = 0;
     fd = open_conn(o, f);
     if (fd < 0)
         return -1;
-    r = send_request(fd, req, deadline, f);
-    if (r == 0)
-        r = recv_reply(fd, rep, replen, fds, nfds, deadline, f);
+    if (send_request(fd, req, deadline, f) == 0 &&
+        recv_reply(fd, rep, replen, fds, nfds, deadline, f) == 0)
+        return fd;
     close(fd);
-    return r;
+    return -1;
+}
+
+/* After enter=: tell the daemon whether every cgroup was entered (it then has the stepd
+   register the pid).  Never waits: the message is small and the socket's buffer empty. */
+static void send_ack(pam_handle_t *pamh, int fd, int err)
+{
+    struct msg m;
+    char buf[256];
+
+    m.p = buf;
+    m.len = 0;
+    m.cap = sizeof buf;
+    m.overflow = 0;
+    put(&m, MAGIC "\nentered=");
+    put(&m, err ? "failed: " : "ok");
+    if (err)
+        put(&m, strerror(err));
+    put(&m, "\n");
+    if (m.overflow || send(fd, m.p, m.len, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+        pam_syslog(pamh, LOG_WARNING, "cannot tell the daemon the job's cgroups were entered: "
+                   "%s", m.overflow ? "message too long" : strerror(errno));
 }
 
 /* ---------------------------------------------------------------- the reply */
@@ -701,6 +734,8 @@ struct reply {
     int rc;                       /* a PAM code */
     int setns;                    /* setns=mnt given */
     int setns_fail;               /* a PAM code, or -1 */
+    int enter;                    /* enter=N: N tasks files after the namespace fd */
+    int enter_fail;               /* a PAM code, or -1 */
     const char *body;             /* the lines after the header, each NUL-terminated */
     const char *end;
 };
@@ -710,17 +745,31 @@ static int key_is(const char *line, size_t klen, const char *key)
     return strlen(key) == klen && memcmp(line, key, klen) == 0;
 }
 
+/* "1".."99" -> the number, else -1 */
+static int small_count(const char *s)
+{
+    if (s[0] < '1' || s[0] > '9')
+        return -1;
+    if (s[1] == '\0')
+        return s[0] - '0';
+    if (s[1] < '0' || s[1] > '9' || s[2] != '\0')
+        return -1;
+    return (s[0] - '0') * 10 + (s[1] - '0');
+}
+
 /* Check the whole reply before anything of it is used; its lines get NUL-terminated in
    place.  Returns NULL or what is wrong with it. */
 static const char *parse_reply(char *msg, size_t len, int nfds, struct reply *r)
 {
     char *line, *nl, *eq, *end = msg + len;
-    int have_rc = 0, have_fail = 0;
+    int have_rc = 0, have_fail = 0, have_enter_fail = 0, have_enter_msg[2] = { 0, 0 };
     size_t klen;
 
     r->rc = -1;
     r->setns = 0;
     r->setns_fail = -1;
+    r->enter = 0;
+    r->enter_fail = -1;
     if (len == 0)
         return "empty";
     if (memchr(msg, '\0', len))
@@ -752,6 +801,19 @@ static const char *parse_reply(char *msg, size_t len, int nfds, struct reply *r)
                 return "two setns_fail= lines";
             if ((r->setns_fail = rc_code(eq + 1)) < 0)
                 return "an unknown setns_fail= value";
+        } else if (key_is(line, klen, "enter_fail")) {
+            if (have_enter_fail++)
+                return "two enter_fail= lines";
+            if ((r->enter_fail = rc_code(eq + 1)) < 0)
+                return "an unknown enter_fail= value";
+        } else if (key_is(line, klen, "enter_error") || key_is(line, klen, "enter_info")) {
+            if (have_enter_msg[line[6] == 'i']++)
+                return "two enter_error= or enter_info= lines";
+        } else if (key_is(line, klen, "enter")) {
+            if (r->enter)
+                return "two enter= lines";
+            if ((r->enter = small_count(eq + 1)) < 1 || r->enter > MAX_ENTER)
+                return "an enter= value that is not 1..12";
         } else if (key_is(line, klen, "setns")) {
             if (r->setns++)
                 return "two setns= lines";
@@ -768,20 +830,47 @@ static const char *parse_reply(char *msg, size_t len, int nfds, struct reply *r)
         return "no rc= line";
     if (have_fail && !r->setns)
         return "setns_fail= without setns=";
-    if (nfds > 1)
-        return "more than one fd attached";
-    if (r->setns != nfds)
-        return r->setns ? "setns= without an fd" : "an fd without setns=";
+    if ((have_enter_fail || have_enter_msg[0] || have_enter_msg[1]) && !r->enter)
+        return "enter_fail=, enter_error= or enter_info= without enter=";
+    if (r->setns + r->enter != nfds)
+        return "the number of fds attached differs from setns= + enter=";
     return NULL;
 }
 
-/* Carry out a checked reply: join the namespace, set the environment, show the messages (in
-   their order).  Returns the PAM code. */
-static int apply(pam_handle_t *pamh, const struct reply *r, int nsfd, int silent)
+/* enter=: write "0" into each tasks file (fds[0..n-1]).  Returns 0, or the errno of the
+   first write that failed with its index in *which. */
+static int enter_cgroups(const int *fds, int n, int *which)
+{
+    int i;
+
+    for (i = 0; i < n; i++) {
+        while (write(fds[i], "0", 1) != 1) {
+            if (errno != EINTR) {
+                *which = i;
+                return errno ? errno : EIO;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Carry out a checked reply: enter the job's cgroups, join the namespace, set the
+   environment, show the messages (in their order).  fds: the namespace fd (if setns) then
+   the tasks files.  Returns the PAM code; *enter_err: 0 or the errno of a failed entry. */
+static int apply(pam_handle_t *pamh, const struct reply *r, const int *fds, int silent,
+                 int *enter_err)
 {
     const char *line, *v;
-    int rc = r->rc;
+    int rc = r->rc, which = 0, nsfd = r->setns ? fds[0] : -1;
 
+    *enter_err = r->enter ? enter_cgroups(fds + r->setns, r->enter, &which) : 0;
+    if (*enter_err) {
+        if (r->enter_fail >= 0)
+            rc = r->enter_fail;
+        pam_syslog(pamh, LOG_ERR, "cannot enter the job's cgroups (tasks file %d of %d): %s; "
+                   "returning %s", which + 1, r->enter, strerror(*enter_err),
+                   pam_strerror(pamh, rc));
+    }
     if (r->setns && setns(nsfd, CLONE_NEWNS) != 0) {
         int e = errno;
         if (r->setns_fail >= 0)
@@ -797,6 +886,10 @@ static int apply(pam_handle_t *pamh, const struct reply *r, int nsfd, int silent
         } else if (strncmp(line, "error=", 6) == 0) {
             pam_error(pamh, "%s", v);
         } else if (strncmp(line, "info=", 5) == 0 && !silent) {
+            pam_info(pamh, "%s", v);
+        } else if (strncmp(line, "enter_error=", 12) == 0 && *enter_err) {
+            pam_error(pamh, "%s", v);
+        } else if (strncmp(line, "enter_info=", 11) == 0 && *enter_err && !silent) {
             pam_info(pamh, "%s", v);
         }
     }
@@ -858,7 +951,7 @@ static int run(pam_handle_t *pamh, enum phase ph, int flags, int argc, const cha
     struct msg req;
     struct opts o;
     size_t replen = 0;
-    int fds[MAX_FDS], nfds = 0, rc;
+    int fds[MAX_FDS], nfds = 0, rc, conn = -1, enter_err;
     char *mem;
 
     parse_opts(argc, argv, &o);
@@ -881,7 +974,7 @@ static int run(pam_handle_t *pamh, enum phase ph, int flags, int argc, const cha
     if (req.overflow) {
         fail(&f, "the request would be longer than 16384 bytes", NULL, 0);
         rc = generic_failure(pamh, &o, ph, &f);
-    } else if (exchange(&o, &req, mem + MAX_MSG, &replen, fds, &nfds, &f)) {
+    } else if ((conn = exchange(&o, &req, mem + MAX_MSG, &replen, fds, &nfds, &f)) < 0) {
         rc = generic_failure(pamh, &o, ph, &f);
     } else if ((why = parse_reply(mem + MAX_MSG, replen, nfds, &r)) != NULL) {
         fail(&f, "malformed reply", why, 0);
@@ -889,9 +982,13 @@ static int run(pam_handle_t *pamh, enum phase ph, int flags, int argc, const cha
         nfds = 0;
         rc = generic_failure(pamh, &o, ph, &f);
     } else {
-        rc = apply(pamh, &r, nfds ? fds[0] : -1, flags & PAM_SILENT);
+        rc = apply(pamh, &r, fds, flags & PAM_SILENT, &enter_err);
         close_fds(fds, nfds);
+        if (r.enter)
+            send_ack(pamh, conn, enter_err);
     }
+    if (conn >= 0)
+        close(conn);
     free(mem);
     return rc;
 }

@@ -35,13 +35,26 @@ Reply (service -> client)::
     env=SLURM_JOB_ID=12        pam_putenv (repeatable)
     setns=mnt                  setns(fd, CLONE_NEWNS) with the fd attached to the message
     setns_fail=perm_denied     rc when that setns fails (else rc stands)
+    enter=3                    3 more fds attached (after setns's): cgroup v1 ``tasks`` files
+                               of the job's extern step; the client writes "0" into each (it
+                               enters them itself: cgroups.adoption.open_entry), then acks
+    enter_fail=perm_denied     rc when a write fails (else rc stands)
+    enter_error=text           PAM_ERROR_MSG when a write fails (once, optional)
+    enter_info=text            PAM_TEXT_INFO when a write fails, unless silent (once, optional)
+
+Acknowledgement (client -> service), only after a reply with ``enter=``, then the client
+closes::
+
+    callerid-pam 1
+    entered=ok                 ok | "failed: <reason>" (at most MAX_TEXT characters)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 __all__ = ["MAGIC", "MAX_MESSAGE", "RCS", "WireError", "Conn", "Request", "Reply",
-           "parse_request", "encode_request", "parse_reply", "encode_reply"]
+           "parse_request", "encode_request", "parse_reply", "encode_reply", "encode_ack",
+           "parse_ack"]
 
 MAGIC = "callerid-pam 1"
 MAX_MESSAGE = 16384          # bytes, both directions; longer is malformed
@@ -50,6 +63,7 @@ RCS = ("success", "ignore", "perm_denied", "session_err", "system_err", "auth_er
 MAX_ARGS = 64
 MAX_TEXTS = 16               # error= / info= / env= lines in one reply
 MAX_TEXT = 1024              # one error/info text, characters (longer texts are cut)
+MAX_ENTER = 12               # enter=N: at most this many tasks files (v1 hierarchies)
 
 # key -> maximum value length in bytes (UTF-8); "arg" is the only repeatable request key
 _REQUEST_KEYS = {"phase": 16, "service": 255, "user": 255, "rhost": 1025, "tty": 255,
@@ -95,6 +109,10 @@ class Reply:
     env: tuple[str, ...] = ()          # "NAME=value"
     setns: str | None = None           # "mnt": the message carries the namespace fd
     setns_fail: str | None = None      # rc when setns fails
+    enter: int = 0                     # tasks-file fds attached after the namespace fd
+    enter_fail: str | None = None      # rc when entering them fails
+    enter_error: str | None = None     # the user's messages when entering them fails
+    enter_info: str | None = None
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -247,6 +265,12 @@ def encode_reply(rep: Reply) -> bytes:
         raise ValueError(f"unknown setns {rep.setns!r}")
     if rep.setns_fail is not None and (rep.setns is None or rep.setns_fail not in RCS):
         raise ValueError(f"setns_fail={rep.setns_fail!r} without a valid setns")
+    if not 0 <= rep.enter <= MAX_ENTER:
+        raise ValueError(f"enter={rep.enter}: 0..{MAX_ENTER}")
+    if rep.enter_fail is not None and (not rep.enter or rep.enter_fail not in RCS):
+        raise ValueError(f"enter_fail={rep.enter_fail!r} without a valid enter")
+    if (rep.enter_error is not None or rep.enter_info is not None) and not rep.enter:
+        raise ValueError("enter_error/enter_info without enter")
     for what, items in (("error", rep.errors), ("info", rep.infos), ("env", rep.env)):
         if len(items) > MAX_TEXTS:
             raise ValueError(f"more than {MAX_TEXTS} {what}= lines")
@@ -261,6 +285,12 @@ def encode_reply(rep: Reply) -> bytes:
         out.append(f"setns={rep.setns}")
         if rep.setns_fail is not None:
             out.append(f"setns_fail={rep.setns_fail}")
+    if rep.enter:
+        out.append(f"enter={rep.enter}")
+        if rep.enter_fail is not None:
+            out.append(f"enter_fail={rep.enter_fail}")
+        out += [f"{k}={_text(v)}" for k, v in (("enter_error", rep.enter_error),
+                                               ("enter_info", rep.enter_info)) if v is not None]
     data = ("\n".join(out) + "\n").encode()
     if len(data) > MAX_MESSAGE:      # cannot happen with the bounds above; kept as a guard
         raise ValueError(f"reply of {len(data)} bytes is longer than {MAX_MESSAGE}")
@@ -280,16 +310,47 @@ def parse_reply(data: bytes) -> Reply:
                 raise WireError(f"{what}: line {n}: bad env item {_show(value)}")
             lists[key].append(value)
             continue
-        if key not in ("rc", "setns", "setns_fail"):
+        if key not in _REPLY_SINGLE:
             raise WireError(f"{what}: line {n}: unknown key {_show(key)}")
         if key in single:
             raise WireError(f"{what}: line {n}: {key} given twice")
-        if value not in (("mnt",) if key == "setns" else RCS):
+        if _REPLY_SINGLE[key] is not None and value not in _REPLY_SINGLE[key]:
             raise WireError(f"{what}: line {n}: bad {key} {_show(value)}")
         single[key] = value
     if "rc" not in single:
         raise WireError(f"{what}: no rc")
-    if "setns_fail" in single and "setns" not in single:
-        raise WireError(f"{what}: setns_fail without setns")
+    for fail, base in (("setns_fail", "setns"), ("enter_fail", "enter"),
+                       ("enter_error", "enter"), ("enter_info", "enter")):
+        if fail in single and base not in single:
+            raise WireError(f"{what}: {fail} without {base}")
     return Reply(single["rc"], tuple(lists["error"]), tuple(lists["info"]), tuple(lists["env"]),
-                 single.get("setns"), single.get("setns_fail"))
+                 single.get("setns"), single.get("setns_fail"), int(single.get("enter", 0)),
+                 single.get("enter_fail"), single.get("enter_error"), single.get("enter_info"))
+
+
+# key -> the values it may take (None: any text), for the reply's single-valued keys
+_REPLY_SINGLE = {"rc": RCS, "setns": ("mnt",), "setns_fail": RCS, "enter_fail": RCS,
+                 "enter": tuple(str(n) for n in range(1, MAX_ENTER + 1)),
+                 "enter_error": None, "enter_info": None}
+
+
+# ------------------------------------------------------------------------------ the ack
+def encode_ack(failure: str | None) -> bytes:
+    """The client's acknowledgement of ``enter=``: None = entered every cgroup (tests and
+    tools; the C client has its own encoder)."""
+    value = "ok" if failure is None else "failed: " + _text(failure)
+    return f"{MAGIC}\nentered={value}\n".encode()
+
+
+def parse_ack(data: bytes) -> str | None:
+    """One acknowledgement -> None when the client entered every cgroup, else its reason;
+    :class:`WireError` when malformed."""
+    lines = _lines(data, "ack")
+    if len(lines) != 1 or not lines[0].startswith("entered="):
+        raise WireError("ack: expected exactly one entered= line")
+    value = lines[0][len("entered="):]
+    if value == "ok":
+        return None
+    if not value.startswith("failed: ") or len(value) > MAX_TEXT + 8:
+        raise WireError(f"ack: bad entered= value {_show(value)}")
+    return value[len("failed: "):]

@@ -13,7 +13,9 @@ plain string is a step that replies with it.  A step:
     reply: str          the reply message (UTF-8), or
     reply_hex: str      the reply as hex bytes (for invalid UTF-8, NUL, ...)
     fds: [spec]         fds attached to the reply (SCM_RIGHTS): "null" (/dev/null), "pipe"
-                        (a pipe's read end), "ns:PID" (/proc/PID/ns/mnt)
+                        (a pipe's read end), "ns:PID" (/proc/PID/ns/mnt), "write:PATH"
+                        (PATH opened for writing: a cgroup's tasks file)
+    ack: true           after the reply, wait (2 s) for the client's acknowledgement
     do: "reply"         (default) read the request, send the reply, close
         "hang"          read the request, never answer (the connection stays open)
         "close"         read the request, close without a reply
@@ -24,7 +26,8 @@ Options: ``user`` (run as that user: setresuid before bind, so SO_PEERCRED shows
 ``backlog`` (listen backlog), ``accept=False`` (never accept: connections stay queued).
 Each record: ``request`` (text, None when the client sent nothing), ``size``, ``truncated``,
 ``peer`` ([pid, uid, gid]), ``peer_fds`` (readlink of every fd of the peer, taken before
-replying), ``sent`` (readlink of the fds attached), ``t_accept`` (CLOCK_MONOTONIC).
+replying), ``sent`` (readlink of the fds attached), ``t_accept`` (CLOCK_MONOTONIC), ``ack``
+(the acknowledgement's text, None when none came).
 """
 import array
 import json
@@ -49,6 +52,8 @@ def _open_spec(spec, keep):
         return r
     if spec.startswith("ns:"):
         return os.open("/proc/%s/ns/mnt" % spec[3:], os.O_RDONLY)
+    if spec.startswith("write:"):
+        return os.open(spec[6:], os.O_WRONLY)
     raise ValueError("unknown fd spec %r" % spec)
 
 
@@ -110,6 +115,14 @@ def _handle(conn, step, log, n):
             log.flush()
         for fd in fds + keep:
             os.close(fd)
+        if step.get("ack"):
+            conn.settimeout(2.0)
+            try:
+                ack = conn.recv(65536).decode("utf-8", "replace") or None
+            except OSError:
+                ack = None
+            log.write(json.dumps({"n": n, "ack": ack}) + "\n")
+            log.flush()
     else:
         log.write(json.dumps(rec) + "\n")
         log.flush()

@@ -589,6 +589,16 @@ MALFORMED = {
     "fd without setns": {"reply": OK, "fds": ["pipe"]},
     "two fds": {"reply": OK + "setns=mnt\n", "fds": ["pipe", "pipe"]},
     "many fds": {"reply": OK + "setns=mnt\n", "fds": ["pipe"] * 8},
+    "enter without fds": {"reply": OK + "enter=1\n"},
+    "enter=0": {"reply": OK + "enter=0\n"},
+    "enter=13": {"reply": OK + "enter=13\n", "fds": ["pipe"] * 13},
+    "enter=01": {"reply": OK + "enter=01\n", "fds": ["pipe"]},
+    "enter fewer fds": {"reply": OK + "enter=2\n", "fds": ["pipe"]},
+    "two enter": {"reply": OK + "enter=1\nenter=1\n", "fds": ["pipe"]},
+    "enter_fail without enter": {"reply": OK + "enter_fail=perm_denied\n"},
+    "enter_error without enter": {"reply": OK + "enter_error=x\n"},
+    "two enter_info": {"reply": OK + "enter=1\nenter_info=a\nenter_info=b\n",
+                       "fds": ["pipe"]},
     "one byte too long": {"reply": _long(MAX_MSG + 1)},
     "far too long": {"reply": _long(100000)},
 }
@@ -691,6 +701,64 @@ def test_setns_failure(so, services, sockdir, cid_user, extra, want):
     with ForgedDaemon(sockdir, [{"reply": OK + "setns=mnt\n" + extra, "fds": ["pipe"]}]) as d:
         svc = svc_for(services, so, d.path, "action_generic_failure=allow")
         assert pamtester(svc, cid_user[0], "open_session").outcome == want
+
+
+@pytest.fixture
+def freezer_cgroup():
+    """A cgroup v1 freezer cgroup of our own (never memory), removed afterwards."""
+    d = "/sys/fs/cgroup/freezer/cic-enter-%s" % os.urandom(4).hex()
+    if not os.path.isdir("/sys/fs/cgroup/freezer"):
+        pytest.skip("no cgroup v1 freezer hierarchy")
+    os.mkdir(d)
+    try:
+        yield d
+    finally:
+        for _ in range(100):          # pamtester and its children have exited: empty
+            try:
+                os.rmdir(d)
+                break
+            except OSError:
+                time.sleep(0.05)
+
+
+def test_enter_moves_the_process_itself_and_acks(so, services, sockdir, cid_user,
+                                                  freezer_cgroup):
+    """enter=1: the client writes "0" into the tasks file it got, so pamtester (and what it
+    starts afterwards) is in that cgroup; then it acknowledges."""
+    step = {"reply": OK + "enter=1\n", "fds": ["write:%s/tasks" % freezer_cgroup], "ack": True}
+    with ForgedDaemon(sockdir, [step]) as d:
+        svc = services.make(["account required %s service={service} socket=%s" % (so, d.path),
+                             "account required pam_exec.so stdout /bin/cat /proc/self/cgroup"])
+        r = pamtester(svc, cid_user[0], "acct_mgmt")
+        assert r.rc == 0, r.out
+        rec = d.records()[-1]
+    name = "/" + os.path.basename(freezer_cgroup)
+    assert any(ln.endswith(":freezer:" + name) for ln in r.out.splitlines()), r.out
+    assert rec["ack"] == "callerid-pam 1\nentered=ok\n"
+
+
+def test_enter_failure_applies_enter_fail_and_says_why(so, services, sockdir, cid_user):
+    """A tasks file that cannot be written (here a pipe's read end): enter_fail= decides,
+    enter_error= is shown, and the ack carries the reason."""
+    step = {"reply": OK + "enter=1\nenter_fail=perm_denied\nenter_error=Access denied: "
+            "adoption failed\nenter_info=not shown on failure with deny\n",
+            "fds": ["pipe"], "ack": True}
+    with ForgedDaemon(sockdir, [step]) as d:
+        svc = svc_for(services, so, d.path, phases=("account",))
+        r = pamtester(svc, cid_user[0], "acct_mgmt")
+        rec = d.records()[-1]
+    assert r.outcome == "perm_denied", r.out
+    assert "Access denied: adoption failed" in r.out
+    assert rec["ack"] == "callerid-pam 1\nentered=failed: Bad file descriptor\n", rec
+
+
+def test_enter_messages_only_on_failure(so, services, sockdir, cid_user, freezer_cgroup):
+    step = {"reply": OK + "enter=1\nenter_error=E-shown-on-failure\nenter_info=I-too\n",
+            "fds": ["write:%s/tasks" % freezer_cgroup], "ack": True}
+    with ForgedDaemon(sockdir, [step]) as d:
+        svc = svc_for(services, so, d.path, phases=("account",))
+        r = pamtester(svc, cid_user[0], "acct_mgmt")
+    assert r.outcome == "success" and "shown-on-failure" not in r.out and "I-too" not in r.out
 
 
 @pytest.mark.parametrize("first", [

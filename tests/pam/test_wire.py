@@ -131,6 +131,24 @@ def test_reply_round_trip(rep, setns, fail):
     assert wire.parse_reply(wire.encode_reply(rep)) == rep
 
 
+@given(_replies, st.integers(1, wire.MAX_ENTER), st.none() | st.sampled_from(wire.RCS),
+       st.none() | _text.filter(lambda s: all(c >= " " and c != "\x7f" for c in s)))
+def test_reply_with_enter_round_trip(rep, n, fail, msg):
+    rep = Reply(rep.rc, rep.errors, rep.infos, rep.env, enter=n, enter_fail=fail,
+                enter_error=msg, enter_info=msg)
+    assert wire.parse_reply(wire.encode_reply(rep)) == rep
+
+
+def test_ack():
+    assert wire.encode_ack(None) == b"callerid-pam 1\nentered=ok\n"
+    assert wire.parse_ack(wire.encode_ack(None)) is None
+    assert wire.parse_ack(wire.encode_ack("Bad file\ndescriptor")) == "Bad file descriptor"
+    for bad in (b"callerid-pam 1\nentered=yes\n", b"callerid-pam 1\n",
+                b"callerid-pam 1\nentered=ok\nentered=ok\n", b"callerid-pam 1\nentered=ok"):
+        with pytest.raises(WireError):
+            wire.parse_ack(bad)
+
+
 def test_reply_texts_are_sanitised_and_cut():
     data = wire.encode_reply(Reply("perm_denied", errors=("line1\nline2\0\x1b[31m",),
                                    infos=("x" * 5000,)))
@@ -143,6 +161,9 @@ def test_reply_texts_are_sanitised_and_cut():
                                  Reply("success", env=("NOEQUALS",)),
                                  Reply("success", setns="net"),
                                  Reply("success", setns_fail="perm_denied"),
+                                 Reply("success", enter=13), Reply("success", enter=-1),
+                                 Reply("success", enter_fail="perm_denied"),
+                                 Reply("success", enter_info="x"),
                                  Reply("success", errors=("e",) * 17)])
 def test_encode_reply_refuses_our_own_mistakes(rep):
     with pytest.raises(ValueError):
