@@ -123,8 +123,10 @@ def append(path, rec):
 
 
 class AuditWriter:
-    """The one writer of audit records: ``submit(path, record)`` never blocks (a full queue
-    drops the record and says so in the log); a thread writes in submission order.
+    """The one writer of audit records: ``submit(path, record, ticket)`` never blocks (a
+    full queue drops the record and says so in the log); a thread writes them in the order
+    of their tickets -- taken when each decision is made (``ticket()``), so a record
+    completed later (an adoption the stepd registers after the reply) keeps its place.
 
     ``log(level, text)`` receives the errors, at most one line per path and error per
     ``quiet_for`` seconds (a broken path must not flood the log at every login)."""
@@ -137,10 +139,42 @@ class AuditWriter:
         self._quiet_for = quiet_for
         self._said = {}
         self.written = self.dropped = self.failed = 0
+        self._order = threading.Lock()
+        self._issued = self._released = 0
+        self._held = {}                  # ticket -> (path, record) waiting for earlier ones
         self._t = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._t.start()
 
-    def submit(self, path, rec):
+    GAP_AFTER = 5.0      # s a record waits behind a missing one before that one is given up
+    MAX_HELD = 1000      # records held behind a missing one, at most
+
+    def ticket(self):
+        """The next place in the records' order; every ticket must be submitted (with
+        ``path`` None when there is nothing to write)."""
+        with self._order:
+            self._issued += 1
+            return self._issued
+
+    def submit(self, path, rec, ticket=None):
+        """Queue ``rec`` for ``path`` in ``ticket``'s place (None: at once)."""
+        if ticket is None:
+            return self._queue(path, rec)
+        import time
+        now = time.monotonic()
+        with self._order:
+            self._held[ticket] = (path, rec, now)
+            first = min(self._held)
+            if first != self._released + 1 and (len(self._held) > self.MAX_HELD or
+                                                now - self._held[first][2] > self.GAP_AFTER):
+                self._say("", "gap", "audit: record %d never completed; writing on"
+                          % (self._released + 1))         # a ticket never submitted (a bug)
+                self._released = first - 1
+            while self._released + 1 in self._held:
+                self._released += 1
+                path, rec, _ = self._held.pop(self._released)
+                self._queue(path, rec)
+
+    def _queue(self, path, rec):
         if not path or path.lower() == "none":
             return
         import queue

@@ -81,6 +81,34 @@ def test_writer_keeps_submission_order_and_never_interleaves(tmp_path, writer):
     assert (writer.written, writer.failed, writer.log) == (1200, 0, [])
 
 
+def test_writer_orders_by_ticket(tmp_path, writer):
+    """A record completed late (an entry the stepd registers after the reply) keeps its
+    ticket's place; a ticket submitted with no path only releases the ones after it."""
+    p = str(tmp_path / "a.jsonl")
+    a, b, c, d = (writer.ticket() for _ in range(4))
+    writer.submit(p, dict(REC, seq="d"), d)
+    writer.submit(None, None, c)
+    writer.submit(p, dict(REC, seq="b"), b)
+    assert writer.flush() and not os.path.exists(p)          # all held behind a
+    writer.submit(p, dict(REC, seq="a"), a)
+    assert writer.flush()
+    with open(p) as f:
+        assert [json.loads(x)["seq"] for x in f] == ["a", "b", "d"]
+
+
+def test_writer_gives_up_a_ticket_never_submitted(tmp_path, writer, monkeypatch):
+    p = str(tmp_path / "a.jsonl")
+    monkeypatch.setattr(writer, "GAP_AFTER", 0.0)
+    lost, mine = writer.ticket(), writer.ticket()
+    writer.submit(p, dict(REC, seq="mine"), mine)
+    writer.submit(p, dict(REC, seq="next"), writer.ticket())
+    assert writer.flush()
+    with open(p) as f:
+        assert [json.loads(x)["seq"] for x in f] == ["mine", "next"]
+    assert any("never completed" in text for _, text in writer.log), writer.log
+    assert lost < mine
+
+
 def test_writer_none_path_writes_nothing(tmp_path, writer):
     writer.submit("none", REC)
     writer.submit("", REC)
