@@ -17,9 +17,13 @@ the C client, with the peer process held by a pidfd (pam_callerid/peer.py). It
 4. adopts the process that will hold the session (the peer, or in the account phase its
    ``[priv]`` parent when the peer is the ``[pam]`` child) with ``cgroups.adopt`` -- the
    pidfd is checked before and after, so a pid that was recycled is never adopted -- and
-   prepares the environment (SLURM_JOB_ID, X11) and the job's mount namespace fd;
+   prepares the environment (SLURM_JOB_ID, X11) and the job's mount namespace fd.
+   On cgroup v1 a single-threaded peer enters the job's cgroups itself (``enter=``: the
+   tasks files go with the reply, the client writes "0" into each, which costs the kernel
+   no RCU grace period); after its ack the stepd registers it (``cgroups.adopt``, whose
+   writes are then no-ops) while the login goes on;
 5. builds the reply (wire.Reply), logs to syslog (logsink) and hands one audit record to the
-   one audit writer.
+   one audit writer (for ``enter=``, after the stepd registered the process).
 """
 from __future__ import annotations
 
@@ -30,10 +34,11 @@ from dataclasses import replace
 
 from . import policy
 from .options import parse
-from .peer import PeerError, session_holder
+from .peer import PeerError, proc_stat, session_holder
 from .wire import Reply
 
 DECISION_TTL = 60.0
+NO_ACK = object()      # ``then``'s argument when the client sent no acknowledgement
 
 _RC = {"PAM_SUCCESS": "success", "PAM_IGNORE": "ignore", "PAM_PERM_DENIED": "perm_denied",
        "PAM_SESSION_ERR": "session_err", "PAM_SYSTEM_ERR": "system_err",
@@ -137,7 +142,7 @@ class Logins:
     def __init__(self, settings, log, audit, metrics=None, decision_ttl=DECISION_TTL,
                  clock=time.monotonic, warmup=None):
         self.settings = settings
-        self.warmup = warmup              # warmup.Warmup: kicked as each request arrives
+        self.warmup = warmup              # warmup.Warmup: kicked as each v2 decision starts
         self.log = log
         self.audit = audit
         self.metrics = metrics
@@ -146,16 +151,18 @@ class Logins:
         self.negative = TTLCache(clock=clock)
         self.x11 = TTLCache(clock=clock)     # (node, job, start) -> env items: asked once
         self.queries = 0                 # caller-ID queries sent (tests, stats)
+        self.pending = {}                # pid -> Event: its entry is still being
+        #                                  registered with the stepd
         self._said = set()
         self._diag = None
         self._diag_lock = threading.Lock()
 
     # ------------------------------------------------------------------ the pipeline
     def handle(self, req, peer, t0):
-        """-> (wire.Reply, namespace fd to attach or None). ``t0``: monotonic time the
-        request arrived."""
-        if self.warmup is not None:
-            self.warmup.kick()
+        """-> (wire.Reply, fds to attach, ``then``). ``t0``: monotonic time the request
+        arrived. ``then`` is None, or the callable the caller runs once the reply left, with
+        the client's acknowledgement for a reply with ``enter=`` (wire.parse_ack's value, or
+        NO_ACK): it has the stepd register the process, and writes the audit record."""
         rec = self._record(req, peer)
         ms = rec["ms"] = {"queue": _ms(t0)}            # accept -> a worker took it
         opts = parse(req.args)
@@ -164,8 +171,10 @@ class Logins:
         rec["uid"] = uid
         pre = policy.pre_decide(req.service, req.user, uid, opts, groups)
         if pre is not None:
-            return self._finish(req, opts, pre, rec, t0, fresh=True,
-                                audit=pre.path != policy.SERVICE), None
+            reply, _ = self._finish(req, opts, pre, rec, t0, fresh=True,
+                                    audit=pre.path != policy.SERVICE)
+            return reply, [], None
+        entering = peer.pid in self.pending     # its entry, still being registered
         key = (str(req.conn), req.user, req.service, req.args) if req.conn else None
         hit = self.decisions.get(key) if key else None
         settings = None
@@ -180,10 +189,32 @@ class Logins:
             rec.update(facts)
             if key and d.path != policy.FAILURE:          # a failure is tried again
                 self.decisions.put(key, (d, facts), self.decision_ttl)
-        d, fd, env = self._adopt(d, opts, settings, req, peer, uid, rec, t0,
-                                 reused=hit is not None)
-        return self._finish(req, opts, d, rec, t0, fresh=hit is None, env=env, fd=fd,
-                            said=said), fd
+        d, fd, env, entry = self._adopt(d, opts, settings, req, peer, uid, rec, t0,
+                                        reused=hit is not None, entering=entering)
+        fds = ([fd] if fd is not None else []) + [f for _, f in entry]
+        reply, ticket = self._finish(req, opts, d, rec, t0, fresh=hit is None, env=env, fd=fd,
+                                     said=said, entry=entry)
+        if not entry:
+            return reply, fds, None
+        self.pending[peer.pid] = done = threading.Event()
+
+        def then(ack):
+            """After the reply left, with the client's ack."""
+            try:
+                self._entered(ack, d, opts, settings.layout, peer, rec, req, said, ticket)
+            finally:
+                if self.pending.get(peer.pid) is done:
+                    del self.pending[peer.pid]
+                done.set()
+        return reply, fds, then
+
+    def flush(self, timeout=5.0):
+        """Wait until every decision so far is in the audit file (tests, shutdown): the
+        entries still being registered, then the audit writer's queue."""
+        end = time.monotonic() + timeout
+        for done in list(self.pending.values()):
+            done.wait(max(0.0, end - time.monotonic()))
+        return self.audit.flush(max(0.0, end - time.monotonic()))
 
     def _config(self, opts):
         return opts.config if "config" in opts.given else None
@@ -194,6 +225,8 @@ class Logins:
         t = time.monotonic()
         settings, err = self.settings.get(self._config(opts), opts.nodename)
         ms["settings"] = _ms(t)
+        if self.warmup is not None and settings is not None and settings.layout.version == 2:
+            self.warmup.kick()       # not on v1: it would hold cgroup_mutex the client needs
         jobs = None
         if settings is not None:
             facts["node"] = settings.layout.nodename
@@ -290,34 +323,41 @@ class Logins:
                 return None
         return None if info is None else info.inode
 
-    def _adopt(self, d, opts, settings, req, peer, uid, rec, t0, reused=False):
-        """(Decision after adoption, namespace fd or None, env items). A reused decision
-        (the session phase after account) does not move a process that is still in the
-        job's extern step: only one moved away meanwhile (pam_systemd before us) is moved
-        back."""
+    def _adopt(self, d, opts, settings, req, peer, uid, rec, t0, reused=False,
+               entering=False):
+        """(Decision after adoption, namespace fd or None, env items, entry). A reused
+        decision (the session phase after account) does not move a process that is still in
+        the job's extern step: only one moved away meanwhile (pam_systemd before us) is moved
+        back. ``entering``: the peer entered the job's cgroups in its account phase and the
+        stepd is still registering it; /proc/PID/cgroup is not read then (the kernel would
+        make that read wait for the stepd's cgroup write, grace period and all)."""
         if d.code != "PAM_SUCCESS" or d.target is None:
-            return d, None, ()
+            return d, None, (), ()
         if settings is None:
-            return policy.on_adopt_failure(d, opts, "no Slurm layout"), None, ()
+            return policy.on_adopt_failure(d, opts, "no Slurm layout"), None, (), ()
         if time.monotonic() - t0 > opts.daemon_timeout:
             rec["late"] = True             # the client gave up and applied its own failure
-            return policy.on_adopt_failure(d, opts, "the client stopped waiting"), None, ()
+            return policy.on_adopt_failure(d, opts, "the client stopped waiting"), None, (), ()
         t = time.monotonic()
         target = session_holder(peer, self._conn_inode(req.conn)) \
             if req.phase == "account" else peer
         rec["ms"]["holder"] = _ms(t)
         t = time.monotonic()
+        entry = ()
         try:
-            if reused and self._still_there(settings.layout, target, d):
+            if reused and (entering and target is peer or
+                           self._still_there(settings.layout, target, d)):
                 rec["adopted_pid"], rec["adopted"], rec["how"] = target.pid, target.how, "already"
+            elif target is peer and self._may_enter(settings.layout, peer, d):
+                d, entry = self._open_entry(d, opts, settings.layout, rec)
             else:
                 d = self._move(d, opts, settings.layout, target, uid, rec)
         finally:
             if target is not peer:
                 target.close()
-        rec["ms"]["adopt"] = _ms(t)
+        rec["ms"]["adopt" if not entry else "open"] = _ms(t)
         if d.code != "PAM_SUCCESS" or d.target != "job" or d.reason == "adopt-failure-allow":
-            return d, None, ()
+            return d, None, (), ()
         env = ["SLURM_JOB_ID=%d" % d.job_id]
         if not opts.disable_x11:
             t = time.monotonic()
@@ -328,7 +368,11 @@ class Logins:
             t = time.monotonic()
             d, fd = self._namespace(d, opts, settings.layout, peer, rec)
             rec["ms"]["ns"] = _ms(t)
-        return d, fd, tuple(env)
+        if d.code != "PAM_SUCCESS":                 # no namespace: the entry is not used
+            for _, f in entry:
+                os.close(f)
+            entry = ()
+        return d, fd, tuple(env), entry
 
     @staticmethod
     def _still_there(layout, target, d):
@@ -339,9 +383,58 @@ class Logins:
         ref = cgroups.job_of_pid(target.pid, layout.nodename)
         return ref is not None and ref.job_id == d.job_id and ref.step == "extern"
 
+    @staticmethod
+    def _may_enter(layout, peer, d):
+        """The requesting process may enter the job's cgroups itself (cgroups.open_entry):
+        cgroup v1, a job, and a single-threaded process (writing "0" moves one thread; the
+        only thread is the one waiting in the module, so none can appear meanwhile)."""
+        if layout.version != 1 or d.target != "job" or not peer.alive():
+            return False
+        st = proc_stat(peer.pid)
+        return st is not None and st.threads == 1
+
+    def _open_entry(self, d, opts, layout, rec):
+        """(Decision, [(Target, fd)]): the job's tasks files for the client to enter."""
+        import cgroups
+        try:
+            entry = cgroups.open_entry(layout, d.job)
+        except cgroups.CgroupError as e:
+            return policy.on_adopt_failure(d, opts, str(e)), ()
+        rec["entered"] = len(entry)
+        return d, entry
+
+    def _entered(self, ack, d, opts, layout, peer, rec, req, said, ticket):
+        """After the client's ack. The record's result is what the client did: entered
+        (then the stepd registers the process: its writes are no-ops now, its accounting is
+        what it adds) or applied ``enter_fail``; then log and audit."""
+        if ack is not None:
+            if ack is NO_ACK:
+                rec["late"] = True
+            d = policy.on_adopt_failure(d, opts, "the module did not confirm entering the "
+                                        "job's cgroups (gone or timed out)" if ack is NO_ACK
+                                        else "the module could not enter the job's cgroups: "
+                                        "%s" % ack)
+        else:
+            t = time.monotonic()
+            rec["adopted_pid"], rec["adopted"], rec["how"] = peer.pid, peer.how, "entered"
+            d = self._register(d, opts, layout, peer, rec)
+            rec["ms"]["adopt"] = _ms(t)
+        self._conclude(req, opts, d, rec, ticket, said=said)
+
+    def _register(self, d, opts, layout, peer, rec):
+        """The stepd way for a process that entered the job's cgroups itself."""
+        import cgroups
+        try:
+            if not peer.alive():
+                raise PeerError("it exited first")
+            result = cgroups.adopt(layout, peer.pid, d.job)
+            rec["how"], rec["how_reason"] = result.how, result.reason
+        except (cgroups.CgroupError, PeerError, OSError) as e:
+            rec["how_reason"] = "entered; not registered with the stepd: %s" % e
+        return self._adopted(d, peer, rec)
+
     def _move(self, d, opts, layout, target, uid, rec):
         import cgroups
-        what = "job %d" % d.job_id if d.target == "job" else "the user-level cgroup"
         try:
             if not target.alive():
                 raise PeerError("process %d exited before its adoption" % target.pid)
@@ -358,8 +451,13 @@ class Logins:
             rec["adopted_pid"] = None
             return policy.on_adopt_failure(d, opts, str(e))
         rec["adopted_pid"], rec["adopted"] = target.pid, target.how
+        return self._adopted(d, target, rec)
+
+    def _adopted(self, d, target, rec):
+        """``d`` with the adoption's log line; the adoption metric."""
         if self.metrics is not None:
             self.metrics.adoption(rec["how"], rec.get("how_reason"))
+        what = "job %d" % d.job_id if d.target == "job" else "the user-level cgroup"
         how = rec["how"] + (" (%s)" % rec["how_reason"] if rec.get("how_reason") else "")
         return replace(d, logs=d.logs + (
             ("info", "Process %d adopted into %s via %s" % (target.pid, what, how)),))
@@ -405,24 +503,39 @@ class Logins:
         return d, fd
 
     # ------------------------------------------------------------------ reply, logs, audit
-    def _finish(self, req, opts, d, rec, t0, fresh, audit=True, env=(), fd=None, said=0):
-        for level, text in d.logs[said:]:
-            self.log(level, text, opts.log_level)
+    def _finish(self, req, opts, d, rec, t0, fresh, audit=True, env=(), fd=None, said=0,
+                entry=()):
+        """(The reply for ``d``, its audit ticket); its logs, audit record and metrics now,
+        or for a reply with ``enter=`` once the client acknowledged (``_entered``)."""
         errors = (d.user_msg,) if d.user_msg and (fresh or d.code != "PAM_SUCCESS") else ()
         info = policy.info_line(d, opts) if fresh or d.reason == "adopt-failure-allow" else None
         rc = wire_rc(d.code, req.phase)
         setns_fail = None
         if fd is not None and opts.action_adopt_failure == "deny":
             setns_fail = wire_rc("PAM_PERM_DENIED", req.phase)
+        enter_fail = enter_error = enter_info = None
+        if entry:                             # what the client does if it cannot enter
+            f = policy.on_adopt_failure(d, opts, "")
+            enter_fail = wire_rc(f.code, req.phase)
+            enter_error = f.user_msg if f.code != "PAM_SUCCESS" else None
+            enter_info = policy.info_line(f, opts)
         reply = Reply(rc, errors, (info,) if info else (), env, "mnt" if fd is not None else None,
-                      setns_fail)
-        rec.update(path=d.path, job=d.job_id, target=d.target, result=d.code, reason=d.reason,
-                   latency_ms=_ms(t0))
-        if audit:
-            self.audit.submit(opts.audit, rec)
+                      setns_fail, len(entry), enter_fail if enter_fail != rc else None,
+                      enter_error, enter_info)
+        rec["latency_ms"] = _ms(t0)
+        ticket = self.audit.ticket()
+        if not entry:
+            self._conclude(req, opts, d, rec, ticket, audit, said)
+        return reply, ticket
+
+    def _conclude(self, req, opts, d, rec, ticket, audit=True, said=0):
+        """The decision's logs, audit record (in its ticket's place) and metrics."""
+        for level, text in d.logs[said:]:
+            self.log(level, text, opts.log_level)
+        rec.update(path=d.path, job=d.job_id, target=d.target, result=d.code, reason=d.reason)
+        self.audit.submit(opts.audit if audit else None, rec, ticket)
         if self.metrics is not None:
-            self.metrics.pam_decision(req.phase, d.path, d.code, time.monotonic() - t0)
-        return reply
+            self.metrics.pam_decision(req.phase, d.path, d.code, rec["latency_ms"] / 1000)
 
     def _record(self, req, peer):
         t = time.time()

@@ -35,9 +35,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .login import generic_failure_reply
+from .login import NO_ACK, generic_failure_reply
 from .peer import PeerError, peer_of
-from .wire import MAX_MESSAGE, Reply, WireError, encode_reply, parse_request
+from .wire import MAX_MESSAGE, Reply, WireError, encode_reply, parse_ack, parse_request
 
 log = logging.getLogger("callerid.pam")
 
@@ -189,7 +189,7 @@ class Service:
 
     # ------------------------------------------------------------------ one request
     def _serve(self, conn, peer, t0):
-        fd = None
+        fds, then = [], None
         req = None
         try:
             conn.settimeout(self.recv_timeout)
@@ -211,30 +211,56 @@ class Service:
                     self.metrics.pam_rejected("malformed")
                 self._send(conn, encode_reply(Reply("system_err")), None)
                 return
+            enter = None                           # the reply's enter=, None: not sent
             try:
-                reply, fd = self.logins.handle(req, peer, t0)
+                reply, fds, then = self.logins.handle(req, peer, t0)
                 data = encode_reply(reply)
+                enter = reply.enter
             except Exception:
                 log.exception("event=pam-internal-error pid=%d phase=%s user=%r", peer.pid,
                               req.phase, req.user)
                 data = encode_reply(generic_failure_reply(req.args, req.phase))
-                if fd is not None:
-                    os.close(fd)
-                    fd = None
-            self._send(conn, data, fd)
+                _close(fds)
+                fds = []
+            self._send(conn, data, fds)
             self.served += 1
+            _close(fds)
+            fds = []
+            if then is not None:
+                run, then = then, None
+                run(NO_ACK if enter is None else self._ack(conn, peer) if enter else None)
         except OSError as e:
             log.warning("event=pam-io-error pid=%d error=%s", peer.pid, e)
         finally:
-            if fd is not None:
-                os.close(fd)
+            _close(fds)
+            if then is not None:                   # the reply did not leave: no ack
+                then(NO_ACK)
             peer.close()
             conn.close()
 
-    def _send(self, conn, data, fd):
-        anc = [] if fd is None else \
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    def _ack(self, conn, peer):
+        """The client's acknowledgement of ``enter=`` (wire.parse_ack's value), or NO_ACK."""
+        try:
+            conn.settimeout(self.recv_timeout)
+            data = conn.recv(MAX_MESSAGE + 1)
+        except OSError as e:                           # TimeoutError included
+            log.warning("event=pam-no-ack pid=%d error=%s", peer.pid, e)
+            return NO_ACK
+        try:
+            return parse_ack(data) if data else NO_ACK
+        except WireError as e:
+            log.warning("event=pam-malformed pid=%d error=%r", peer.pid, str(e))
+            return NO_ACK
+
+    def _send(self, conn, data, fds):
+        anc = [] if not fds else \
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         conn.sendmsg([data], anc)
+
+
+def _close(fds):
+    for fd in fds:
+        os.close(fd)
 
 
 def start(cfg, config_path, metrics=None):

@@ -6,9 +6,12 @@ Measured here (Linux 6.x): moving a process between cgroups after an idle second
 ``cgroup_threadgroup_rwsem`` (one lock for every hierarchy, v1 and v2) waits for an RCU grace
 period (``percpu_down_write`` -> ``rcu_sync_enter``); writers that follow within about a grace
 period do not. Every adoption -- the extern slurmstepd's own cgroup writes included -- pays
-it, pam_slurm_adopt too. So when a request arrives, a helper thread writes this daemon's own
-pid into the cgroup it is already in (a no-op move that still takes the lock) and the real
-adoption, a few milliseconds later, finds the grace period partly or wholly elapsed.
+it, pam_slurm_adopt too. So when a decision starts on a cgroup v2 node, a helper thread
+writes this daemon's own pid into the cgroup it is already in (a no-op move that still takes
+the lock) and the real adoption, a few milliseconds later, finds the grace period partly or
+wholly elapsed. Not on v1: there the module enters the job's cgroups itself without the lock
+(cgroups.open_entry), and a warm-up write, which holds ``cgroup_mutex`` through its grace
+period, would make that entry wait.
 
 The cgroup written is the daemon's own: its cgroup2 one when cgroup2 is mounted, else its v1
 freezer or pids cgroup; never a memory cgroup. (A site that wants the whole cost gone can mount

@@ -111,7 +111,7 @@ class RunningService:
                                use_peerpidfd=use_peerpidfd).start()
 
     def flush(self):
-        assert self.logins.audit.flush()
+        assert self.logins.flush()
 
     def stop(self):
         self.service.stop()
