@@ -4,15 +4,26 @@
 
     /opt/slurm-callerid/bin/python bench/bench_daemon_fanout.py [--queries 1000,10000]
         [--sources 1000] [--window 0.5] [--auth munge,hmac] [--deadline 1.0]
+        [--processes 1] [--spare-cpu]
 
 The launcher: a synthetic job (cgroup v2 layout) with --procs processes ("ssh" clients), which
 between them hold one loopback TCP connection per query.  The askers: --gens generator
 processes (pinned to CPU 1) on --sources distinct source addresses 127.1.x.y, each query from
-a reserved port (root's client), signed before the window, sent on a fixed schedule spread
-evenly over --window seconds, the reply read without blocking (selectors), and verified
-after the window (signature, nonce, the right job).  Latency = reply received - scheduled
-send.  The daemon (and its munged) is pinned to CPU 0 at nice --nice; the askers have their
-own munged (same key).  Reported: answered right, p50/p99/max, the daemon's peak RSS.
+a reserved port (root's client), signed and its socket bound before the window, connected
+and sent on a fixed schedule spread evenly over --window seconds, the reply read without
+blocking (selectors), and verified after the window (signature, nonce, the right job).
+Latency = reply received - *scheduled* send: an asker that falls behind its schedule counts
+against the daemon (the send lag is reported).
+
+Where the CPU goes.  This VM has 2 cores.  The askers stand for 1,000 other machines, but
+they have to run here: they cost ~100 µs of CPU per query (mostly the kernel's TCP, both
+ends of loopback), ~1 s per 10,000, so they get CPU 1 of their own, and the daemon (with its
+munged) gets CPU 0 at nice --nice: the model is "the daemon may use one core".  With
+--processes N the daemon's helpers (daemon/group.py) stay on CPU 0 as well, unless
+--spare-cpu: then they run on CPU 1 at SCHED_IDLE, i.e. on whatever the askers leave of it
+(the askers' schedule keeps priority).  Reported per run: the daemon's CPU per answer (all
+its processes) and its munged's, the askers' CPU per query, so a result can be set against
+the cores a real node has.
 
 [target: 100 % answered correctly, max latency < rpc_timeout (1 s)]
 """
@@ -29,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon_common import PY, ROOT, Run, hwm_mb, loadavg, pct, rss_mb  # noqa: E402
+from bench_daemon_common import PY, ROOT, Run, cpu_seconds, loadavg, pct, rss_mb  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 JOB = 999
@@ -39,55 +50,70 @@ JOB = 999
 # generator (child process)
 
 
+def _bound_socket(ip, used: set):
+    """A socket bound to a reserved port of `ip` (root's client does the same) that no
+    other query of this generator uses, or None."""
+    for _ in range(64):
+        port = 600 + int.from_bytes(os.urandom(2), "little") % 424
+        if (ip, port) in used:
+            continue
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((ip, port))
+        except OSError:
+            s.close()
+            continue
+        used.add((ip, port))
+        s.setblocking(False)
+        return s
+    return None
+
+
 def generator(args):
-    """Child: the queries assigned to it -> JSON {lat, replies(hex), errors}."""
+    """Child: the queries assigned to it -> JSON {lat, lag, replies(hex), errors, cpu}."""
+    import resource
     from daemon import client as C, protocol as P, wire
     from daemon.config import load_config
     cfg = load_config(args.config)
     auth = C.auth_from_config(cfg)
     jobs = json.loads(Path(args.plan).read_text())[args.index]   # [k, src_ip, src, dst]
     prepared = []
+    used = set()
     for k, ip, src, dst in jobs:
         sa, sp = C.parse_endpoint(src)
         da, dp = C.parse_endpoint(dst)
         req = P.pack_request(sa, sp, da, dp, "tcp")
-        prepared.append((k, ip, req.nonce, wire.seal_request(req, auth)))
+        prepared.append((k, ip, req.nonce, wire.seal_request(req, auth), _bound_socket(ip, used)))
     sel = selectors.DefaultSelector()
     t0 = args.t0
     period = args.window / args.total
-    lat, replies, errors = {}, {}, {}
+    lat, lag, replies, errors = {}, {}, {}, {}
     pending = {}
     i = 0
     end = t0 + args.window + args.deadline + 2.0
 
-    def start(k, ip, frame):
-        for _ in range(16):                 # a reserved port (root's client does the same)
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((ip, 600 + int.from_bytes(os.urandom(2), "little") % 424))
-            except OSError:
-                s.close()
-                continue
-            s.setblocking(False)
-            err = s.connect_ex(("127.0.0.1", args.port))
-            if err in (0, errno.EINPROGRESS):
-                break
-            s.close()
-            if err != errno.EADDRNOTAVAIL:  # (that 4-tuple is still in TIME_WAIT: another)
-                errors[k] = os.strerror(err)
-                return
-        else:
+    def start(k, s, frame):
+        if s is None:
             errors[k] = "no reserved port free"
+            return
+        err = s.connect_ex(("127.0.0.1", args.port))
+        if err not in (0, errno.EINPROGRESS):
+            errors[k] = os.strerror(err)
+            s.close()
             return
         pending[s] = [k, frame, b"", P.FrameDecoder(max_frames=1)]
         sel.register(s, selectors.EVENT_WRITE)
 
+    while time.time() < t0:
+        time.sleep(min(0.01, max(0.0, t0 - time.time())))
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     while time.time() < end and (i < len(prepared) or pending):
         now = time.time()
         while i < len(prepared) and t0 + prepared[i][0] * period <= now:
-            k, ip, _, frame = prepared[i]
-            start(k, ip, frame)
+            k, _, _, frame, s = prepared[i]
+            lag[k] = (time.time() - (t0 + k * period)) * 1e3
+            start(k, s, frame)
             i += 1
         nxt = t0 + prepared[i][0] * period if i < len(prepared) else end
         for key, ev in sel.select(max(0.0, min(nxt - time.time(), 0.05))):
@@ -113,12 +139,17 @@ def generator(args):
             sel.unregister(s)
             s.close()
             del pending[s]
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     for s, st in pending.items():
         errors[st[0]] = "no reply by the end"
         s.close()
-    nonces = {k: n.hex() for k, _, n, _ in prepared}
-    Path(args.out).write_text(json.dumps({"lat": lat, "replies": replies, "errors": errors,
-                                          "nonces": nonces}))
+    for *_, s in prepared[i:]:
+        if s is not None:
+            s.close()
+    nonces = {k: n.hex() for k, _, n, _, _ in prepared}
+    cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
+    Path(args.out).write_text(json.dumps({"lat": lat, "lag": lag, "replies": replies,
+                                          "errors": errors, "nonces": nonces, "cpu": cpu}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,10 +187,41 @@ def make_launcher(run: Run, nconn: int, nprocs: int):
     return out, servers
 
 
+def daemon_pids(pid: int) -> list[int]:
+    """The daemon and its helper processes (daemon/group.py: its children)."""
+    kids = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            kids += [int(x) for x in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+        except OSError:
+            pass
+    return [pid] + kids
+
+
+def wait_helpers(pid: int, n: int) -> list[int]:
+    end = time.time() + 20
+    while len(pids := daemon_pids(pid)) < n and time.time() < end:
+        time.sleep(0.05)
+    time.sleep(0.5)                        # (they import and listen after being started)
+    return pids
+
+
+def to_spare_cpu(pid: int):
+    """Every thread of a helper onto CPU 1 at SCHED_IDLE (what the askers leave of it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {1})
+        os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+
+
 def one_run(run, args, auth_name, nq, msock, csock, key, launcher):
     conf = (f"AuthType={auth_name}\nMungeSocket={msock}\nKeyFile={key}\nCgroupRoots={run.cgroot}\n"
-            "RateLimit=1000000\nRateBurst=1000000\n")
+            f"RateLimit=1000000\nRateBurst=1000000\nProcesses={args.processes}\n"
+            + "".join(f"{kv}\n" for kv in args.set))
     d, port, cfg = run.daemon(conf, cpu="0", name=f"fan-{auth_name}-{nq}", nice=args.nice)
+    pids = wait_helpers(d.pid, args.processes)
+    if args.spare_cpu:
+        for pid in pids[1:]:
+            to_spare_cpu(pid)
     ccfg = run.base / f"askers-{auth_name}-{nq}.conf"
     ccfg.write_text(f"Port={port}\nAuthType={auth_name}\nMungeSocket={csock}\nKeyFile={key}\n")
     ips = source_ips(args.sources)
@@ -167,7 +229,10 @@ def one_run(run, args, auth_name, nq, msock, csock, key, launcher):
     plan = [queries[g::args.gens] for g in range(args.gens)]
     plan_file = run.base / f"plan-{auth_name}-{nq}.json"
     plan_file.write_text(json.dumps(plan))
-    rss0 = rss_mb(d.pid)
+    rss = lambda: sum(rss_mb(p) for p in pids)     # noqa: E731
+    rss0 = rss()
+    munged = int((Path(msock).parent / "pid").read_text())
+    cpu0 = sum(cpu_seconds(p) for p in pids), cpu_seconds(munged)
     t0 = time.time() + 2.0 + nq / 2500           # time to pre-sign
     gens = [run.start(["taskset", "-c", "1", PY, __file__, "--gen", "--config", str(ccfg),
                        "--plan", str(plan_file), "--index", str(g), "--port", str(port),
@@ -177,12 +242,13 @@ def one_run(run, args, auth_name, nq, msock, csock, key, launcher):
     load = None
     peak = rss0
     while any(g.poll() is None for g in gens):
-        peak = max(peak, rss_mb(d.pid))
+        peak = max(peak, rss())
         if load is None and time.time() > t0 + args.window:
             load = loadavg()
         time.sleep(0.02)
     res = [json.loads(Path(str(plan_file) + f".{g}").read_text()) for g in range(args.gens)]
-    hwm = hwm_mb(d.pid)
+    cpu_d = sum(cpu_seconds(p) for p in pids) - cpu0[0]
+    cpu_m = cpu_seconds(munged) - cpu0[1]
     d.terminate()
     d.wait(15)
     # verify every reply: signature, nonce, job
@@ -208,9 +274,13 @@ def one_run(run, args, auth_name, nq, msock, csock, key, launcher):
         for k, e in r["errors"].items():
             errors[e] = errors.get(e, 0) + 1
     late = sum(1 for x in lat if x >= args.deadline * 1e3)
+    lag = [x for r in res for x in r["lag"].values()]
+    answered = max(1, len(lat))
     return dict(auth=auth_name, n=nq, right=right, late=late, errors=errors, p50=pct(lat, 0.5),
                 p99=pct(lat, 0.99), max=max(lat) if lat else float("nan"), rss0=rss0, peak=peak,
-                hwm=hwm, load=load)
+                load=load, lag99=pct(lag, 0.99), lagmax=max(lag) if lag else float("nan"),
+                us_daemon=cpu_d / answered * 1e6, us_munged=cpu_m / answered * 1e6,
+                us_askers=sum(r["cpu"] for r in res) / nq * 1e6)
 
 
 def main():
@@ -223,6 +293,11 @@ def main():
     ap.add_argument("--procs", type=int, default=1000, help="launcher processes in the job")
     ap.add_argument("--gens", type=int, default=8)
     ap.add_argument("--nice", type=int, default=-10)
+    ap.add_argument("--processes", type=int, default=1, help="the daemon's Processes")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another line of the daemon's config (e.g. Workers=2)")
+    ap.add_argument("--spare-cpu", action="store_true",
+                    help="helpers on the askers' CPU at SCHED_IDLE (see the docstring)")
     ap.add_argument("--gen", action="store_true")
     ap.add_argument("--config")
     ap.add_argument("--plan")
@@ -258,18 +333,24 @@ def main():
         for s in servers:
             s.close()
     print()
+    where = (f"daemon ({args.processes} process{'es' if args.processes > 1 else ''}) and its "
+             f"munged on CPU 0 at nice {args.nice}"
+             + (", helpers on CPU 1 at SCHED_IDLE" if args.spare_cpu else "") + ", askers on CPU 1")
     print(f"Fan-out: N queries arriving within {args.window} s from {args.sources} source addresses "
           f"(reserved ports), each about a different connection of one job ({args.procs} processes); "
-          f"daemon on CPU 0 at nice {args.nice}, askers on CPU 1")
+          f"{where}")
     print(f"[target: 100 % answered correctly, max latency < rpc_timeout ({args.deadline:g} s)]")
-    hdr = (f"{'auth':>6} | {'queries':>7} | {'answered right':>14} | {'late':>5} | {'p50 ms':>7} | "
-           f"{'p99 ms':>7} | {'max ms':>7} | {'RSS MB idle/peak':>16} | load | failures")
+    hdr = (f"{'auth':>6} | {'queries':>7} | {'answered right':>16} | {'late':>5} | {'p50 ms':>7} | "
+           f"{'p99 ms':>7} | {'max ms':>7} | {'RSS MB idle/peak':>16} | {'CPU µs/answer daemon+munged':>27} | "
+           f"{'askers µs/q':>11} | {'send lag p99/max ms':>19} | load | failures")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['auth']:>6} | {r['n']:>7} | {r['right']:>6} ({100 * r['right'] / r['n']:5.1f}%) | "
+        print(f"{r['auth']:>6} | {r['n']:>7} | {r['right']:>7} ({100 * r['right'] / r['n']:5.1f}%) | "
               f"{r['late']:>5} | {r['p50']:7.1f} | {r['p99']:7.1f} | {r['max']:7.1f} | "
-              f"{r['rss0']:7.1f}/{r['hwm']:<8.1f} | {r['load']} | {r['errors'] or '-'}")
+              f"{r['rss0']:7.1f}/{r['peak']:<8.1f} | {r['us_daemon']:>15.0f} + {r['us_munged']:<9.0f} | "
+              f"{r['us_askers']:>11.0f} | {r['lag99']:>9.1f}/{r['lagmax']:<9.1f} | {r['load']} | "
+              f"{r['errors'] or '-'}")
 
 
 if __name__ == "__main__":
