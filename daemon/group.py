@@ -3,8 +3,8 @@
 One process answers at most one core's worth (≈ 150-400 µs of CPU per answer, under one
 GIL); a launcher fanning out to thousands of nodes asks faster than that.  The first process
 (the one `callerid daemon` started: it also runs the PAM service and the metrics) binds the
-listeners and starts the others as `python -m daemon.cli daemon --serve-fds ...` (fork and
-exec: the first process may already run threads).  Each helper gets:
+listeners and starts the others (helper_argv: `python -c <daemon.cli.main> daemon --serve-fds
+...`; fork and exec: the first process may already run threads).  Each helper gets:
 
 * the listening sockets (every process accepts from the same accept queues, emptying the
   reserved-port queue first, so the kernel's steering keeps working in every process);
@@ -112,7 +112,7 @@ class Helpers:
     """In the first process: start, watch, signal and stop the other serving processes."""
 
     def __init__(self, srv, n: int, argv: list[str]):
-        """argv: how to start one (`python -m daemon.cli [--config F] daemon [--port P]...`);
+        """argv: how to start one (helper_argv);
         --serve-fds is appended."""
         self.srv = srv
         self.loop = srv.loop
@@ -161,7 +161,11 @@ class Helpers:
             return
         self._closed(h)
         if not self.stopping:
-            rc = h.proc.wait()
+            try:
+                rc = h.proc.wait(2.0)         # it closed the socket: it is exiting
+            except subprocess.TimeoutExpired:
+                h.proc.kill()
+                rc = h.proc.wait()
             log.error("event=helper-exited index=%d pid=%d status=%d (starting another)",
                       h.index, h.proc.pid, rc)
             self.loop.call_later(RESTART_DELAY, self._spawn, h)
@@ -225,8 +229,14 @@ class Helpers:
 
 
 def helper_argv(config: str | None, port: int, log_level: str | None) -> list[str]:
-    """The command line of a helper: this interpreter, the same config file and port."""
-    argv = [sys.executable, "-m", "daemon.cli"]
+    """The command line of a helper: this interpreter with its isolation flags (the package
+    runs `python3 -IB`: no PYTHON* variables, not the current directory), importing this
+    very copy of the daemon package; the same config file and port."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = (["-I"] if sys.flags.isolated else []) + (["-B"] if sys.flags.dont_write_bytecode else [])
+    argv = [sys.executable, *flags, "-c",
+            f"import sys; sys.path.insert(0, {here!r}); from daemon.cli import main; "
+            "sys.exit(main())"]
     if config:
         argv += ["--config", config]
     argv += ["daemon", "--port", str(port)]

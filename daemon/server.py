@@ -743,6 +743,8 @@ class Server:
         await self._stop.wait()
         self.stopping = True
         log.info("event=stopping active=%d", self.active)
+        if self.helpers is not None:          # they finish their answers meanwhile
+            self.helpers.signal(signal.SIGTERM)
         for s in self.listeners:
             self.loop.remove_reader(s.fileno())
             s.close()

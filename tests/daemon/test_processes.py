@@ -15,7 +15,7 @@ from daemon import client as C
 from daemon import protocol as P
 from daemon import wire
 from daemon.auth import HmacAuth, load_key, write_key
-from daemon.group import REPORT_EVERY
+from daemon.group import REPORT_EVERY, helper_argv
 
 from .test_hostile import JOB, Daemon, target  # noqa: F401  (target: a fixture)
 from .test_netns import _wait_log
@@ -130,3 +130,17 @@ def test_a_helper_that_dies_is_replaced(hmac_daemon, target):  # noqa: F811
     assert [a.outcome for a in _ask_many(d, target, auth, n=100)] == [C.FOUND] * 100
     stats = d.stop_stats()
     assert stats["answered"] == 180, stats               # the dead helper's answers are kept
+
+
+def test_helper_command_works_isolated_from_anywhere(tmp_path):
+    """The package runs `python3 -IB` (no PYTHONPATH, not the current directory): a
+    helper's command line must import this copy of the daemon all the same."""
+    import subprocess
+    import sys
+    argv = helper_argv(None, 6820, None)
+    argv = [argv[0], "-I"] + argv[1:argv.index("daemon")] + ["--help"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    r = subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and "caller-ID" in r.stdout, r.stderr
+    assert "--serve-fds" not in r.stdout                   # not offered to users
