@@ -2,7 +2,8 @@
 pam_callerid (the C client asking its node's `callerid daemon`), on the same real cluster
 (testbed/), interleaved.
 
-    /opt/slurm-callerid/bin/python bench/bench_login.py [--rounds 40] [--prefix P --subnet N]
+    /opt/slurm-callerid/bin/python bench/bench_login.py [--rounds 40] [--platform P1|P2]
+        [--prefix P --subnet N]
 
 As root. Paths (alice's jobs: B on node1+node2, A on node2 only):
   one job           login node -> node1 (only B there: no RPC)
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from testbed.adopters import use_pam_callerid  # noqa: E402
 from testbed.cluster import Cluster  # noqa: E402
+from testbed.platforms import MATRIX  # noqa: E402
 
 CONFIGS = ["none", "pam_slurm_adopt", "pam_callerid"]
 BIG_NODES = 5000
@@ -45,11 +47,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--platform", default="P1", choices=("P1", "P2"),
+                    help="test-bed platform (those pam_slurm_adopt runs on): P1 22.05 cgroup "
+                         "v1, P2 22.05 cgroup v2 + job container + configless")
     ap.add_argument("--prefix", default=os.environ.get("CID_TESTBED_PREFIX", "cid"))
     ap.add_argument("--subnet", type=int, default=int(os.environ.get("CID_TESTBED_SUBNET", "3")))
     args = ap.parse_args(argv)
-    c = Cluster(nodes=3, prefix=args.prefix, subnet=args.subnet)
+    c = Cluster(nodes=3, prefix=args.prefix, subnet=args.subnet,
+                platform=MATRIX[args.platform])
     c.up()
+    print(f"platform {args.platform}: {c.platform}")
     try:
         run(c, args.rounds)
         c.cancel_all()
@@ -90,6 +97,10 @@ def run(c, rounds):
                 fn()
     audit.write_text("")
     small = measure(paths, CONFIGS, configure, rounds, cpu)
+    if c.platform.configless:            # slurm.conf is slurmd's cached copy: not grown here
+        report(rounds, small, None)
+        return stages(records(audit), where(c), "the test bed's slurm.conf")
+    n = len(records(audit))
     grow_slurm_conf(c, "node1")
     for cfg in CONFIGS:                    # each module reads the new file once
         configure(cfg)
@@ -97,9 +108,21 @@ def run(c, rounds):
     big = measure({"one job, 5,000-node slurm.conf": paths["one job"]}, CONFIGS, configure,
                   rounds, cpu)
     report(rounds, small, big)
-    stages(audit, {("node1", c.hosts["login"].ip4): "one job",
-                   ("node2", c.hosts["login"].ip4): "several, unknown",
-                   ("node2", c.hosts["node1"].ip4): "several, callerid"})
+    recs = records(audit)
+    stages(recs[:n], where(c), "the test bed's slurm.conf")
+    stages(recs[n:], {("node1", c.hosts["login"].ip4): "one job"},
+           f"node1's slurm.conf + {BIG_NODES} NodeName lines (after the first login read it)")
+
+
+def records(audit):
+    return [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
+
+
+def where(c):
+    """(node, source address) -> path, for the stage table."""
+    return {("node1", c.hosts["login"].ip4): "one job",
+            ("node2", c.hosts["login"].ip4): "several, unknown",
+            ("node2", c.hosts["node1"].ip4): "several, callerid"}
 
 
 def measure(paths, configs, configure, rounds, cpu):
@@ -208,8 +231,10 @@ class CpuMeter:
 
 # ------------------------------------------------------------------ report
 def report(rounds, small, big):
-    for title, res in (("test bed's slurm.conf", small),
-                       (f"node1's slurm.conf + {BIG_NODES} NodeName lines", big)):
+    blocks = [("test bed's slurm.conf", small)]
+    if big is not None:
+        blocks.append((f"node1's slurm.conf + {BIG_NODES} NodeName lines", big))
+    for title, res in blocks:
         paths = list(dict.fromkeys(p for p, _ in res))
         print(f"\n== {title}: ssh login latency, medians of {rounds} interleaved logins per "
               f"cell (ms); Δ = added over no adoption module")
@@ -246,19 +271,23 @@ def paired(xs, ys, boot=2000):
     return f"{statistics.median(d):+6.1f} [{meds[int(boot * .025)]:+5.1f},{meds[int(boot * .975)]:+5.1f}]"
 
 
-def stages(audit, pathof):
+def stages(recs, pathof, title):
     """Where the service's time goes, from its audit records (medians, ms)."""
-    recs = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
     key = lambda r: (r.get("node"), r.get("src_ip"), r.get("src_port"))  # noqa: E731
     sess = {key(r): r for r in recs if r.get("phase") == "session"}
     acct = [r for r in recs if r.get("phase") == "account"]
     ms = lambda name: lambda a, s: (a.get("ms") or {}).get(name)  # noqa: E731
     cols = [("queue", ms("queue")), ("settings", ms("settings")), ("jobs", ms("jobs")),
             ("caller-ID", ms("callerid")), ("holder", ms("holder")), ("adopt", ms("adopt")),
-            ("x11", ms("x11")), ("account", lambda a, s: a.get("latency_ms")),
-            ("session", lambda a, s: s.get("latency_ms") if s else None)]
-    print("\npam_callerid's service, from its audit records (medians, ms; 'account' and "
-          "'session' are each phase's time in the service, request to reply)")
+            ("entry", ms("entry")), ("x11", ms("x11")),
+            ("account", lambda a, s: a.get("latency_ms")),
+            ("session", lambda a, s: s.get("latency_ms") if s else None),
+            ("register", ms("register"))]
+    print(f"\npam_callerid's service with {title}, from its audit records (medians, ms; "
+          "'account' and 'session': each phase's time in the service, request to reply; "
+          "'adopt': the stepd moved the process before the reply; 'entry': the job's tasks "
+          "files opened for the module to enter them itself (cgroup v1); 'register': the "
+          "stepd's registration of that process, after the reply)")
     print(f"{'path':20s} " + " ".join(f"{n:>9s}" for n, _ in cols))
     for where, name in pathof.items():
         rows = [(a, sess.get(key(a))) for a in acct if (a.get("node"), a.get("src_ip")) == where]

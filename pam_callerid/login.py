@@ -355,7 +355,7 @@ class Logins:
         finally:
             if target is not peer:
                 target.close()
-        rec["ms"]["adopt" if not entry else "open"] = _ms(t)
+        rec["ms"]["adopt" if not entry else "entry"] = _ms(t)
         if d.code != "PAM_SUCCESS" or d.target != "job" or d.reason == "adopt-failure-allow":
             return d, None, (), ()
         env = ["SLURM_JOB_ID=%d" % d.job_id]
@@ -418,7 +418,7 @@ class Logins:
             t = time.monotonic()
             rec["adopted_pid"], rec["adopted"], rec["how"] = peer.pid, peer.how, "entered"
             d = self._register(d, opts, layout, peer, rec)
-            rec["ms"]["adopt"] = _ms(t)
+            rec["ms"]["register"] = _ms(t)                 # after the reply
         self._conclude(req, opts, d, rec, ticket, said=said)
 
     def _register(self, d, opts, layout, peer, rec):
