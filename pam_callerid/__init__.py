@@ -9,7 +9,8 @@ Build and install the module (a C compiler and libpam's headers; see build.py)::
     python -m pam_callerid.build --install        # -> the system's PAM module directory
 
 PAM lines (sshd's stack; the module decides in account and adopts [priv] in session; in
-account only -- pam_slurm_adopt's documented placement -- it still adopts)::
+account only -- pam_slurm_adopt's documented placement -- it still adopts; on cgroup v1 a
+single-threaded caller enters the job's cgroups itself, see login.py)::
 
     account  required  pam_callerid.so
     session  required  pam_callerid.so
