@@ -198,14 +198,20 @@ class Logins:
             return reply, fds, None
         self.pending[peer.pid] = done = threading.Event()
 
+        def release():
+            if self.pending.get(peer.pid) is done:
+                del self.pending[peer.pid]
+            done.set()
+
         def then(ack):
-            """After the reply left, with the client's ack."""
+            """After the reply left, with the client's ack. A failed entry is released at
+            once: the session phase must look at where the process really is."""
             try:
+                if ack is not None:
+                    release()
                 self._entered(ack, d, opts, settings.layout, peer, rec, req, said, ticket)
             finally:
-                if self.pending.get(peer.pid) is done:
-                    del self.pending[peer.pid]
-                done.set()
+                release()
         return reply, fds, then
 
     def flush(self, timeout=5.0):
