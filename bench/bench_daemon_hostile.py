@@ -105,6 +105,8 @@ def main():
                 conf, tree = common, run.baseline_tree()
             elif name == "ours-256":
                 conf, tree = common + "MaxConnections=256\n", None
+            elif name == "ours-2proc":          # Processes=2, both on CPU 0 (CPU, RSS: the first)
+                conf, tree = common + "Processes=2\n", None
             else:
                 conf, tree = common, None
             r = run_variant(run, name, conf, tree, target, args, csock)
