@@ -79,7 +79,11 @@ def cmd_daemon(args) -> int:
     inherited = None
     if args.serve_fds:                  # one of several serving processes (daemon.group)
         from .group import decode_fds
-        inherited = decode_fds(args.serve_fds)
+        try:
+            inherited = decode_fds(args.serve_fds)
+        except ValueError as e:
+            _err(str(e))
+            return EXIT_USAGE
         exporter, ready = None, None
     else:
         exporter, ready = _metrics(cfg, log)

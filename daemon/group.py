@@ -43,11 +43,14 @@ def encode_fds(listen: list[int], first: list[int], replay: int, control: int, i
 def decode_fds(spec: str) -> dict:
     """The --serve-fds value -> {listen: [fd], first: [fd], replay: fd, control: fd, index}.
     Raises ValueError."""
-    parts = dict(p.split("=", 1) for p in spec.split(";"))
     ints = lambda v: [int(x) for x in v.split(",") if x]   # noqa: E731
-    return {"listen": ints(parts["listen"]), "first": ints(parts["first"]),
-            "replay": int(parts["replay"]), "control": int(parts["control"]),
-            "index": int(parts["index"])}
+    try:
+        parts = dict(p.split("=", 1) for p in spec.split(";"))
+        return {"listen": ints(parts["listen"]), "first": ints(parts["first"]),
+                "replay": int(parts["replay"]), "control": int(parts["control"]),
+                "index": int(parts["index"])}
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"bad --serve-fds value {spec!r}") from e
 
 
 def merge_snapshots(own: dict, others) -> dict:

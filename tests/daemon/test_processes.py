@@ -15,7 +15,7 @@ from daemon import client as C
 from daemon import protocol as P
 from daemon import wire
 from daemon.auth import HmacAuth, load_key, write_key
-from daemon.group import REPORT_EVERY, helper_argv
+from daemon.group import REPORT_EVERY, decode_fds, encode_fds, helper_argv, merge_snapshots
 
 from .test_hostile import JOB, Daemon, target  # noqa: F401  (target: a fixture)
 from .test_netns import _wait_log
@@ -144,3 +144,15 @@ def test_helper_command_works_isolated_from_anywhere(tmp_path):
                        timeout=30)
     assert r.returncode == 0 and "caller-ID" in r.stdout, r.stderr
     assert "--serve-fds" not in r.stdout                   # not offered to users
+
+
+def test_fds_spec_and_merged_counters():
+    spec = encode_fds([5, 6, 7, 8], [5], 9, 10, 2)
+    assert decode_fds(spec) == {"listen": [5, 6, 7, 8], "first": [5], "replay": 9,
+                                "control": 10, "index": 2}
+    for bad in ("", "listen=5", spec.replace("replay=9", "replay=x")):
+        with pytest.raises(ValueError):
+            decode_fds(bad)
+    own = {"answered": 3, "reloads": 1, "active": 2}
+    merged = merge_snapshots(own, [{"answered": 4, "reloads": 1, "active": 1, "replays": 2}])
+    assert merged == {"answered": 7, "reloads": 1, "active": 3, "replays": 2}
