@@ -34,6 +34,7 @@ from dataclasses import replace
 
 from . import policy
 from .options import parse
+from .pamconf import SessionStacks
 from .peer import PeerError, proc_stat, session_holder
 from .wire import Reply
 
@@ -140,7 +141,7 @@ class Logins:
     """
 
     def __init__(self, settings, log, audit, metrics=None, decision_ttl=DECISION_TTL,
-                 clock=time.monotonic, warmup=None):
+                 clock=time.monotonic, warmup=None, sessions=None):
         self.settings = settings
         self.warmup = warmup              # warmup.Warmup: kicked as each v2 decision starts
         self.log = log
@@ -151,8 +152,9 @@ class Logins:
         self.negative = TTLCache(clock=clock)
         self.x11 = TTLCache(clock=clock)     # (node, job, start) -> env items: asked once
         self.queries = 0                 # caller-ID queries sent (tests, stats)
-        self.pending = {}                # pid -> Event: its entry is still being
-        #                                  registered with the stepd
+        self.pending = {}                # pid -> (Event, waits): an adoption after the reply
+        #                                  (waits) or an entry being registered, not done
+        self.sessions = sessions or SessionStacks()
         self._said = set()
         self._diag = None
         self._diag_lock = threading.Lock()
@@ -174,7 +176,7 @@ class Logins:
             reply, _ = self._finish(req, opts, pre, rec, t0, fresh=True,
                                     audit=pre.path != policy.SERVICE)
             return reply, [], None
-        entering = peer.pid in self.pending     # its entry, still being registered
+        entering = self._await_pending(peer.pid, opts, t0)
         key = (str(req.conn), req.user, req.service, req.args) if req.conn else None
         hit = self.decisions.get(key) if key else None
         settings = None
@@ -189,36 +191,59 @@ class Logins:
             rec.update(facts)
             if key and d.path != policy.FAILURE:          # a failure is tried again
                 self.decisions.put(key, (d, facts), self.decision_ttl)
-        d, fd, env, entry = self._adopt(d, opts, settings, req, peer, uid, rec, t0,
-                                        reused=hit is not None, entering=entering)
+        d, fd, env, entry, later = self._adopt(d, opts, settings, req, peer, uid, rec, t0,
+                                               reused=hit is not None, entering=entering)
         fds = ([fd] if fd is not None else []) + [f for _, f in entry]
         reply, ticket = self._finish(req, opts, d, rec, t0, fresh=hit is None, env=env, fd=fd,
-                                     said=said, entry=entry)
-        if not entry:
+                                     said=said, entry=entry, defer=later is not None)
+        if not entry and later is None:
             return reply, fds, None
-        self.pending[peer.pid] = done = threading.Event()
+        pid = peer.pid if later is None else later.pid
+        done = threading.Event()
+        self.pending[pid] = (done, later is not None)
 
         def release():
-            if self.pending.get(peer.pid) is done:
-                del self.pending[peer.pid]
+            if self.pending.get(pid, (None,))[0] is done:
+                del self.pending[pid]
             done.set()
 
         def then(ack):
-            """After the reply left, with the client's ack. A failed entry is released at
-            once: the session phase must look at where the process really is."""
+            """After the reply left (with the client's ack for ``enter=``). A failed entry is
+            released at once: the session phase must look at where the process really is."""
             try:
+                if later is not None:
+                    self._later(d, opts, settings.layout, later, uid, rec, req, said, ticket)
+                    return
                 if ack is not None:
                     release()
                 self._entered(ack, d, opts, settings.layout, peer, rec, req, said, ticket)
             finally:
                 release()
+                if later is not None and later is not peer:
+                    later.close()
         return reply, fds, then
+
+    def _await_pending(self, pid, opts, t0):
+        """For a request of a process whose adoption of an earlier phase is still pending:
+        wait for an adoption the account phase left for after its reply (bounded by the
+        client's deadline), so the session phase returns only once the process is in the
+        job; return True for an entry still being registered (the process is in the job;
+        /proc/PID/cgroup is not read then: the kernel would make that read wait for the
+        stepd's cgroup write, grace period and all)."""
+        p = self.pending.get(pid)
+        if p is None:
+            return False
+        done, waits = p
+        if waits:
+            done.wait(max(0.0, opts.daemon_timeout - (time.monotonic() - t0) - 0.05))
+            return False
+        return True
 
     def flush(self, timeout=5.0):
         """Wait until every decision so far is in the audit file (tests, shutdown): the
         entries still being registered, then the audit writer's queue."""
         end = time.monotonic() + timeout
-        for done in list(self.pending.values()):
+        for done, _ in list(self.pending.values()):
             done.wait(max(0.0, end - time.monotonic()))
         return self.audit.flush(max(0.0, end - time.monotonic()))
 
@@ -334,36 +359,41 @@ class Logins:
         """(Decision after adoption, namespace fd or None, env items, entry). A reused
         decision (the session phase after account) does not move a process that is still in
         the job's extern step: only one moved away meanwhile (pam_systemd before us) is moved
-        back. ``entering``: the peer entered the job's cgroups in its account phase and the
-        stepd is still registering it; /proc/PID/cgroup is not read then (the kernel would
-        make that read wait for the stepd's cgroup write, grace period and all)."""
+        back. ``entering``: see _await_pending. The last item, ``later``: the process to
+        adopt after the reply (the account phase of a service whose session phase surely
+        runs the module and waits: pamconf.py), else None."""
         if d.code != "PAM_SUCCESS" or d.target is None:
-            return d, None, (), ()
+            return d, None, (), (), None
         if settings is None:
-            return policy.on_adopt_failure(d, opts, "no Slurm layout"), None, (), ()
+            return policy.on_adopt_failure(d, opts, "no Slurm layout"), None, (), (), None
         if time.monotonic() - t0 > opts.daemon_timeout:
             rec["late"] = True             # the client gave up and applied its own failure
-            return policy.on_adopt_failure(d, opts, "the client stopped waiting"), None, (), ()
+            return (policy.on_adopt_failure(d, opts, "the client stopped waiting"), None, (),
+                    (), None)
         t = time.monotonic()
         target = session_holder(peer, self._conn_inode(req.conn)) \
             if req.phase == "account" else peer
         rec["ms"]["holder"] = _ms(t)
         t = time.monotonic()
-        entry = ()
+        entry, later = (), None
         try:
             if reused and (entering and target is peer or
                            self._still_there(settings.layout, target, d)):
                 rec["adopted_pid"], rec["adopted"], rec["how"] = target.pid, target.how, "already"
             elif target is peer and self._may_enter(settings.layout, peer, d):
                 d, entry = self._open_entry(d, opts, settings.layout, rec)
+            elif req.phase == "account" and d.target == "job" and \
+                    self.sessions.reaches(req.service):
+                later = target
             else:
                 d = self._move(d, opts, settings.layout, target, uid, rec)
         finally:
-            if target is not peer:
+            if target is not peer and target is not later:
                 target.close()
-        rec["ms"]["adopt" if not entry else "entry"] = _ms(t)
+        if later is None:                          # else ms.adopt comes with _later
+            rec["ms"]["entry" if entry else "adopt"] = _ms(t)
         if d.code != "PAM_SUCCESS" or d.target != "job" or d.reason == "adopt-failure-allow":
-            return d, None, (), ()
+            return d, None, (), (), None
         env = ["SLURM_JOB_ID=%d" % d.job_id]
         if not opts.disable_x11:
             t = time.monotonic()
@@ -374,11 +404,14 @@ class Logins:
             t = time.monotonic()
             d, fd = self._namespace(d, opts, settings.layout, peer, rec)
             rec["ms"]["ns"] = _ms(t)
-        if d.code != "PAM_SUCCESS":                 # no namespace: the entry is not used
+        if d.code != "PAM_SUCCESS":                 # no namespace: no adoption either
             for _, f in entry:
                 os.close(f)
             entry = ()
-        return d, fd, tuple(env), entry
+            if later is not None and later is not peer:
+                later.close()
+            later = None
+        return d, fd, tuple(env), entry, later
 
     @staticmethod
     def _still_there(layout, target, d):
@@ -426,6 +459,19 @@ class Logins:
             d = self._register(d, opts, layout, peer, rec)
             rec["ms"]["register"] = _ms(t)                 # after the reply
         self._conclude(req, opts, d, rec, ticket, said=said)
+
+    def _later(self, d, opts, layout, target, uid, rec, req, said, ticket):
+        """The account phase's adoption, after its reply (the session phase waits for it). The
+        record's result stays what the client was told; a failure is logged and recorded,
+        and the session phase, finding the process outside the job, applies
+        action_adopt_failure."""
+        t = time.monotonic()
+        rec["after_reply"] = True
+        moved = self._move(d, opts, layout, target, uid, rec)
+        rec["ms"]["adopt"] = _ms(t)
+        if moved.code != d.code or moved.reason != d.reason:
+            rec["adopt_error"] = moved.logs[-1][1]
+        self._conclude(req, opts, replace(d, logs=moved.logs), rec, ticket, said=said)
 
     def _register(self, d, opts, layout, peer, rec):
         """The stepd way for a process that entered the job's cgroups itself."""
@@ -510,9 +556,10 @@ class Logins:
 
     # ------------------------------------------------------------------ reply, logs, audit
     def _finish(self, req, opts, d, rec, t0, fresh, audit=True, env=(), fd=None, said=0,
-                entry=()):
+                entry=(), defer=False):
         """(The reply for ``d``, its audit ticket); its logs, audit record and metrics now,
-        or for a reply with ``enter=`` once the client acknowledged (``_entered``)."""
+        or after the reply: for ``enter=`` once the client acknowledged (``_entered``), when
+        ``defer`` after the adoption (``_later``)."""
         errors = (d.user_msg,) if d.user_msg and (fresh or d.code != "PAM_SUCCESS") else ()
         info = policy.info_line(d, opts) if fresh or d.reason == "adopt-failure-allow" else None
         rc = wire_rc(d.code, req.phase)
@@ -530,7 +577,7 @@ class Logins:
                       enter_error, enter_info)
         rec["latency_ms"] = _ms(t0)
         ticket = self.audit.ticket()
-        if not entry:
+        if not entry and not defer:
             self._conclude(req, opts, d, rec, ticket, audit, said)
         return reply, ticket
 

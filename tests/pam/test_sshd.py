@@ -166,13 +166,23 @@ def test_login_adopted_into_job(sshd, method):
     ses = [r for r in recs if r["phase"] == "session"][-1]
     assert acc["src_ip"] == "127.0.0.1" and acc["dst_port"] == s["port"]   # sshd's socket
     assert ses["adopted_pid"] == ses["pid"] and ses["job"] == job and ses["reused"] is True
-    # moved away by a session module before ours (like pam_systemd): moved back; else in place
-    assert (ses["how"] == "already") is (s["mover"] is False)
+    # the module is in this service's session stack, so on this v1 layout the account
+    # phase either let [priv] enter the job itself (publickey) or adopted it after its
+    # reply, the session phase waiting for that (keyboard-interactive: [priv] is the
+    # [pam] child's parent)
+    assert acc.get("entered") if method == "publickey" else acc["after_reply"], acc
+    if s["mover"] and acc.get("after_reply"):
+        # a session module before ours (like pam_systemd) moved [priv] while the account's
+        # adoption ran: whichever came last, the session phase left it in the job (checked
+        # above); the account's record says what its own move found
+        assert acc.get("adopted") == "[priv] parent" or "adopt_error" in acc, acc
+    else:   # moved away by a session module before ours: moved back; else in place
+        assert (ses["how"] == "already") is (s["mover"] is False)
     if method == "publickey":      # account and session in the same [priv] process
         assert acc["pid"] == ses["pid"] and acc["adopted"] == "peer"
     else:                          # account ran in the forked [pam] child: its [priv] parent
         assert acc["pid"] != ses["pid"]                             # was adopted there
-        assert (acc["adopted"], acc["adopted_pid"]) == ("[priv] parent", ses["pid"])
+        assert acc["adopted_pid"] in (ses["pid"], None), acc
 
 
 @pytest.mark.parametrize("method", ["publickey", "keyboard-interactive"])
