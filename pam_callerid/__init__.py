@@ -10,7 +10,8 @@ Build and install the module (a C compiler and libpam's headers; see build.py)::
 
 PAM lines (sshd's stack; the module decides in account and adopts [priv] in session; in
 account only -- pam_slurm_adopt's documented placement -- it still adopts; on cgroup v1 a
-single-threaded caller enters the job's cgroups itself, see login.py)::
+single-threaded caller enters the job's cgroups itself; with the session line, the account
+phase answers before its adoption is done and the session phase waits for it: login.py)::
 
     account  required  pam_callerid.so
     session  required  pam_callerid.so
@@ -26,5 +27,6 @@ workers), login (one login's decision: caches, caller-ID query, adoption, reply)
 (callerid.conf, slurm.conf and the layout, cached until a file changes), peer (SO_PEERCRED,
 pidfds, sshd's [priv]), options + policy (pure), audit (the one writer), audit_reader
 (``callerid audit``), logsink (syslog), check (``callerid check``), cli (``callerid``),
+pamconf (does the module run in a service's session phase?),
 demo (the test bed demo).
 """

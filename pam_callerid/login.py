@@ -21,7 +21,10 @@ the C client, with the peer process held by a pidfd (pam_callerid/peer.py). It
    On cgroup v1 a single-threaded peer enters the job's cgroups itself (``enter=``: the
    tasks files go with the reply, the client writes "0" into each, which costs the kernel
    no RCU grace period); after its ack the stepd registers it (``cgroups.adopt``, whose
-   writes are then no-ops) while the login goes on;
+   writes are then no-ops) while the login goes on. Otherwise, in the account phase of a
+   service whose session stack surely runs the module too (pamconf.py), the adoption runs
+   after the reply, and the session phase of that process waits for it before it answers;
+   else the adoption comes before the reply;
 5. builds the reply (wire.Reply), logs to syslog (logsink) and hands one audit record to the
    one audit writer (for ``enter=``, after the stepd registered the process).
 """
