@@ -473,7 +473,6 @@ class Server:
         self._stats_last = ""
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.max_connections = cfg.max_connections
-        self.on_reload: list = []     # callables(cfg) run after a SIGHUP reload was applied
 
     def now(self) -> float:
         return self._clock() if self._clock is not None else self.loop.time()
@@ -771,10 +770,12 @@ class Server:
     def apply(self, cfg, auth, lookup):
         """Take a reloaded configuration, key and lookup (on the loop thread).  Connections
         in flight keep their deadlines; requests still queued are answered with the new key.
-        Port, ListenAddresses and Workers need a restart."""
+        Port, ListenAddresses, Workers, Processes and the PAM service's socket and workers
+        need a restart."""
         old = self.cfg
         for key, attr in (("Port", "port"), ("ListenAddresses", "listen_addresses"),
-                          ("Workers", "workers"), ("Processes", "processes")):
+                          ("Workers", "workers"), ("Processes", "processes"),
+                          ("PamSocket", "pam_socket"), ("PamWorkers", "pam_workers")):
             if getattr(cfg, attr) != getattr(old, attr):
                 log.warning("event=reload-needs-restart key=%s running=%r file=%r", key,
                             getattr(old, attr), getattr(cfg, attr))
@@ -792,11 +793,6 @@ class Server:
         if old_lookup is not lookup:    # workers may still be inside it: close it later
             self.loop.call_later(cfg.connection_timeout + 1.0, old_lookup.close)
         self.stats["reloads"] += 1
-        for hook in self.on_reload:
-            try:
-                hook(cfg)
-            except Exception:
-                log.exception("event=reload-hook-failed hook=%r", hook)
         log.info("event=reloaded config=%s auth=%s max_connections=%d rate_limit=%s root_share=%s",
                  cfg.source, auth.name, self.max_connections, cfg.rate_limit, cfg.root_share)
 
