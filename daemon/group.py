@@ -75,12 +75,9 @@ class HelperLink:
         self._due = 0.0
 
     def _readable(self):
-        try:
-            data = self.sock.recv(64)
-        except (BlockingIOError, InterruptedError):
+        data = _recv(self.sock, 64)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:                          # the first process is gone: stop too
             self.srv.loop.remove_reader(self.sock.fileno())
             self.srv.request_stop()
@@ -153,12 +150,9 @@ class Helpers:
         log.info("event=helper-started index=%d pid=%d", h.index, h.proc.pid)
 
     def _readable(self, h: _Helper):
-        try:
-            data = h.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = _recv(h.sock, 65536)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             self._take(h, data)
             return
@@ -246,3 +240,14 @@ def helper_argv(config: str | None, port: int, log_level: str | None) -> list[st
     if log_level:
         argv += ["--log-level", log_level]
     return argv
+
+
+def _recv(sock, n: int):
+    """sock.recv(n) on a non-blocking socket: None when nothing is there yet, b"" when the
+    other end is gone."""
+    try:
+        return sock.recv(n)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
