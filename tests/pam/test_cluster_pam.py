@@ -76,9 +76,11 @@ def test_one_decision_per_login(ours, platform, password):
     else:
         assert acc[0]["path"] == "caller-ID" and where(c, r) == c.extern_cgroup("node2", 2001, b)
         # cgroup v1: sshd's [priv] entered the job's cgroups itself (no grace period), then
-        # the stepd registered it; v2: the stepd moved it
+        # the stepd registered it; v2: the stepd moved it after the account reply (the
+        # module is in this sshd's session stack), the session phase waiting for it
         assert acc[0]["how"] == "stepd" and acc[0]["adopted_pid"] == acc[0]["pid"], acc[0]
         assert (acc[0].get("entered", 0) > 0) is (c.platform.cgroup == 1), acc[0]
+        assert acc[0].get("after_reply", False) is (c.platform.cgroup == 2), acc[0]
 
 
 @pytest.mark.platforms("P2", "P3")
