@@ -180,27 +180,36 @@ class Logins:
                                     audit=pre.path != policy.SERVICE)
             return reply, [], None
         entering = self._await_pending(peer.pid, opts, t0)
-        key = (str(req.conn), req.user, req.service, req.args) if req.conn else None
-        hit = self.decisions.get(key) if key else None
-        settings = None
-        said = 0                       # how many of the decision's log lines went out before
-        if hit is not None:
-            d, facts = hit
-            said = len(d.logs)
-            rec.update(facts, reused=True)
-            settings, _ = self.settings.get(self._config(opts), opts.nodename)
-        else:
-            d, settings, facts = self._decide(req, opts, uid, groups, ms)
-            rec.update(facts)
-            if key and d.path != policy.FAILURE:          # a failure is tried again
-                self.decisions.put(key, (d, facts), self.decision_ttl)
+        d, settings, said = self._decision(req, opts, uid, groups, rec)
         d, fd, env, entry, later = self._adopt(d, opts, settings, req, peer, uid, rec, t0,
-                                               reused=hit is not None, entering=entering)
+                                               reused=said is not None, entering=entering)
         fds = ([fd] if fd is not None else []) + [f for _, f in entry]
-        reply, ticket = self._finish(req, opts, d, rec, t0, fresh=hit is None, env=env, fd=fd,
-                                     said=said, entry=entry, defer=later is not None)
+        reply, ticket = self._finish(req, opts, d, rec, t0, fresh=said is None, env=env, fd=fd,
+                                     said=said or 0, entry=entry, defer=later is not None)
         if not entry and later is None:
             return reply, fds, None
+        return reply, fds, self._then(d, opts, settings.layout, peer, uid, rec, req,
+                                      said or 0, ticket, later)
+
+    def _decision(self, req, opts, uid, groups, rec):
+        """(Decision, Settings, how many of its log lines went out before): the decision
+        this login's earlier phase made (``said`` an int), else a new one (``said`` None)."""
+        key = (str(req.conn), req.user, req.service, req.args) if req.conn else None
+        hit = self.decisions.get(key) if key else None
+        if hit is not None:
+            d, facts = hit
+            rec.update(facts, reused=True)
+            settings, _ = self.settings.get(self._config(opts), opts.nodename)
+            return d, settings, len(d.logs)
+        d, settings, facts = self._decide(req, opts, uid, groups, rec["ms"])
+        rec.update(facts)
+        if key and d.path != policy.FAILURE:              # a failure is tried again
+            self.decisions.put(key, (d, facts), self.decision_ttl)
+        return d, settings, None
+
+    def _then(self, d, opts, layout, peer, uid, rec, req, said, ticket, later):
+        """The work after the reply: the entry's registration (``peer`` entered), or the
+        adoption of ``later``; pending for its process until done."""
         pid = peer.pid if later is None else later.pid
         done = threading.Event()
         self.pending[pid] = (done, later is not None)
@@ -215,16 +224,16 @@ class Logins:
             released at once: the session phase must look at where the process really is."""
             try:
                 if later is not None:
-                    self._later(d, opts, settings.layout, later, uid, rec, req, said, ticket)
+                    self._later(d, opts, layout, later, uid, rec, req, said, ticket)
                     return
                 if ack is not None:
                     release()
-                self._entered(ack, d, opts, settings.layout, peer, rec, req, said, ticket)
+                self._entered(ack, d, opts, layout, peer, rec, req, said, ticket)
             finally:
                 release()
                 if later is not None and later is not peer:
                     later.close()
-        return reply, fds, then
+        return then
 
     def _await_pending(self, pid, opts, t0):
         """For a request of a process whose adoption of an earlier phase is still pending:
