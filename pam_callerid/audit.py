@@ -155,10 +155,8 @@ class AuditWriter:
             self._issued += 1
             return self._issued
 
-    def submit(self, path, rec, ticket=None):
-        """Queue ``rec`` for ``path`` in ``ticket``'s place (None: at once)."""
-        if ticket is None:
-            return self._queue(path, rec)
+    def submit(self, path, rec, ticket):
+        """Queue ``rec`` for ``path`` (None: nothing to write) in ``ticket``'s place."""
         import time
         now = time.monotonic()
         with self._order:

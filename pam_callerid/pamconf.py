@@ -11,12 +11,14 @@ with a failure before it is harmless (sshd then starts no session). Anything it 
 or parse is a no: the account phase then adopts before it answers, as always.
 
 ``session_reaches`` is pure; ``SessionStacks`` reads the files (root-owned regular files,
-bounded size) and keeps each answer until one of the files read changes.
+bounded size: settings.read_regular) and keeps each answer until one of the files read
+changes (settings.stamp).
 """
 from __future__ import annotations
 
 import os
-import stat
+
+from .settings import SettingsError, read_regular, stamp
 
 PAM_DIR = "/etc/pam.d"
 MODULE = "pam_callerid.so"
@@ -106,16 +108,16 @@ class SessionStacks:
 
     def __init__(self, pam_dir=PAM_DIR):
         self.pam_dir = pam_dir
-        self._cache = {}             # service -> (answer, {path: (mtime_ns, size, ino)})
+        self._cache = {}             # service -> (answer, [stamp of each file read])
 
     def reaches(self, service):
         hit = self._cache.get(service)
-        if hit is not None and all(_sig(p) == s for p, s in hit[1].items()):
+        if hit is not None and all(stamp(s[0]) == s for s in hit[1]):
             return hit[0]
-        seen = {}
+        seen = []
         try:
             answer = session_reaches(service, lambda name: self._read(name, seen))
-        except (OSError, PamConfError, UnicodeDecodeError):
+        except (PamConfError, SettingsError):
             answer = False
         if len(self._cache) < 64:
             self._cache[service] = (answer, seen)
@@ -125,21 +127,5 @@ class SessionStacks:
         if not name or "/" in name and not name.startswith(self.pam_dir + "/"):
             raise PamConfError("file %r outside %s" % (name, self.pam_dir))
         path = name if name.startswith("/") else os.path.join(self.pam_dir, name)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_size > MAX_FILE:
-                raise PamConfError("%s: not a root-owned regular file of at most %d bytes"
-                                   % (path, MAX_FILE))
-            seen[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
-            return os.read(fd, MAX_FILE + 1).decode("utf-8")
-        finally:
-            os.close(fd)
-
-
-def _sig(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
+        seen.append(stamp(path))          # before reading: a change meanwhile shows later
+        return read_regular(path, MAX_FILE, root_only=True)

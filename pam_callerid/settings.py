@@ -29,7 +29,8 @@ class SettingsError(Exception):
     """The configuration cannot be used; the text names the file and the problem."""
 
 
-def _stamp(path):
+def stamp(path):
+    """What tells that a file changed: (path, inode, size, mtime), or (path, None)."""
     try:
         st = os.stat(path)
     except OSError:
@@ -37,16 +38,20 @@ def _stamp(path):
     return (path, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def read_regular(path, limit=MAX_CONFIG_BYTES):
+def read_regular(path, limit=MAX_CONFIG_BYTES, root_only=False):
     """The text of a regular file (UTF-8); a FIFO, device or directory there is refused
-    without blocking."""
+    without blocking. ``root_only``: also a symlink, or a file root does not own."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        fd = os.open(path, flags | (os.O_NOFOLLOW if root_only else 0))
     except OSError as e:
         raise SettingsError(f"{path}: {e.strerror}") from None
     try:
-        if not _stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode):
             raise SettingsError(f"{path}: not a regular file")
+        if root_only and st.st_uid != 0:
+            raise SettingsError(f"{path}: not owned by root")
         data = os.read(fd, limit + 1)
     finally:
         os.close(fd)
@@ -169,13 +174,13 @@ class SettingsCache:
             sc = s.slurm_conf_path()
         except Exception:
             return False
-        return sc == s.slurm_conf and tuple(map(_stamp, s.files(sc))) == s.stamp
+        return sc == s.slurm_conf and tuple(map(stamp, s.files(sc))) == s.stamp
 
     def _load(self, path, explicit, nodename):
         self.loads += 1
         cfg, given = load_config(path, required=explicit)
         s = Settings(path, cfg, given, nodename)
         sc = s.slurm_conf_path()
-        s.stamp = tuple(map(_stamp, s.files(sc)))   # before reading: a change meanwhile
+        s.stamp = tuple(map(stamp, s.files(sc)))   # before reading: a change meanwhile
         s.discover(sc)                              # makes the next login re-read
         return s

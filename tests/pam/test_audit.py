@@ -66,7 +66,7 @@ def test_writer_keeps_submission_order_and_never_interleaves(tmp_path, writer):
 
     def submit(t):
         for i in range(200):
-            writer.submit(p, dict(big, seq=(t, i)))
+            writer.submit(p, dict(big, seq=(t, i)), writer.ticket())
     ts = [threading.Thread(target=submit, args=(t,)) for t in range(6)]
     for t in ts:
         t.start()
@@ -110,8 +110,8 @@ def test_writer_gives_up_a_ticket_never_submitted(tmp_path, writer, monkeypatch)
 
 
 def test_writer_none_path_writes_nothing(tmp_path, writer):
-    writer.submit("none", REC)
-    writer.submit("", REC)
+    writer.submit("none", REC, writer.ticket())
+    writer.submit("", REC, writer.ticket())
     assert writer.flush() and writer.written == 0
 
 
@@ -136,7 +136,7 @@ def test_planted_fifo_never_blocks(tmp_path, writer):
     try:
         with pytest.raises(OSError, match="not a regular file"):
             audit.append(str(fifo), REC)
-        writer.submit(str(fifo), REC)
+        writer.submit(str(fifo), REC, writer.ticket())
         assert writer.flush(2)
         assert os.read(rfd, 100) == b""
     finally:
@@ -176,7 +176,7 @@ def test_writer_errors_are_logged_once_per_quiet_period(tmp_path, writer):
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "elsewhere")
     for _ in range(5):
-        writer.submit(str(link), REC)
+        writer.submit(str(link), REC, writer.ticket())
     assert writer.flush()
     assert writer.failed == 5 and len(writer.log) == 1
     assert writer.log[0][0] == "error" and str(link) in writer.log[0][1]

@@ -4,7 +4,6 @@ import os
 
 import pytest
 
-from pam_callerid import pamconf
 from pam_callerid.pamconf import PamConfError, SessionStacks, session_reaches
 
 COMMON = ("session\t[default=1]\t\t\tpam_permit.so\nsession\trequisite\t\t\tpam_deny.so\n"
@@ -68,4 +67,3 @@ def test_session_stacks_reads_and_notices_changes(tmp_path):
     assert st.reaches("link") is False                 # no symlinks
     os.chown(f, 65534, 65534)
     assert st.reaches("sshd") is False                 # not root's
-    assert pamconf.MODULE == "pam_callerid.so"
