@@ -10,8 +10,8 @@ remote end is the request's destination.
 2. pid holding the inode: `JobSockets`, an index socket inode -> (pid, fd) over the processes
    of Slurm jobs only.  A socket held by no process of a job is not in a job: "unknown"
    costs one pass over the job processes' fds, never a scan of every process.  The index
-   is rebuilt only on a miss, and one rebuild serves every question that arrived before it
-   started (concurrent misses wait for the same pass).  Processes vanishing mid-scan are
+   is rebuilt only on a miss, and one rebuild serves every question waiting for it
+   (concurrent misses wait for the same pass and look in its index first).  Processes vanishing mid-scan are
    skipped.
 3. pid -> job through daemon.jobs (cgroups/ package).
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
 import sys
@@ -82,38 +83,66 @@ def _af(fam: int) -> int:
 
 
 class SockDiag:
-    """Exact-tuple NETLINK_SOCK_DIAG lookups over one raw netlink socket (thread-safe)."""
+    """Exact-tuple NETLINK_SOCK_DIAG lookups (thread-safe): one netlink socket per thread,
+    so concurrent lookups neither share a lock nor match each other's answers.
+
+    The kernel answers an inet_diag request inside the send() (netlink_unicast runs the
+    handler in the sender's context), so the reply is read without waiting; a poll of at
+    most RECV_TIMEOUT covers a kernel that would queue it later."""
 
     via = "sockdiag"
+    RECV_TIMEOUT = 1.0
 
     def __init__(self):
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                   NETLINK_SOCK_DIAG)
-        self._sock.bind((0, 0))
-        self._sock.settimeout(1.0)
-        self._lock = threading.Lock()
-        self._seq = 0
+        self._local = threading.local()
+        self._all: list[socket.socket] = []
+        self._all_lock = threading.Lock()
+        self._closed = False
+        self._sock()              # fails here (OSError) where netlink sock_diag is unavailable
+
+    def _sock(self) -> socket.socket:
+        s = getattr(self._local, "sock", None)
+        if s is None:
+            if self._closed:
+                raise OSError(errno.EBADF, "sock_diag lookup closed")
+            s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                              NETLINK_SOCK_DIAG)
+            s.bind((0, 0))
+            self._local.sock, self._local.seq = s, 0
+            with self._all_lock:
+                self._all.append(s)
+        return s
 
     def close(self):
-        self._sock.close()
+        with self._all_lock:
+            self._closed = True
+            for s in self._all:
+                s.close()
+            self._all.clear()
+
+    def _recv(self, s: socket.socket) -> bytes:
+        try:
+            return s.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if not select.select([s], [], [], self.RECV_TIMEOUT)[0]:
+                raise OSError(errno.ETIMEDOUT, "no sock_diag answer") from None
+            return s.recv(65536, socket.MSG_DONTWAIT)
 
     def _query(self, fam, proto, lbytes, lport, rbytes, rport):
-        with self._lock:
-            self._seq = (self._seq + 1) & 0xFFFFFFFF
-            seq = self._seq
-            body = (_REQ_HEAD.pack(_af(fam), proto, 0, 0, TCPF_ALL)
-                    + _ID_PORTS.pack(lport, rport) + lbytes + rbytes
-                    + _ID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
-            msg = _NLH.pack(_NLH.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + body
-            self._sock.send(msg)
-            while True:
-                data = self._sock.recv(65536)
-                if len(data) < _NLH.size:
-                    return None
-                ln, typ, flags, rseq, _ = _NLH.unpack_from(data, 0)
-                if rseq != seq:
-                    continue  # stale answer of an earlier, timed-out query
-                break
+        s = self._sock()
+        local = self._local
+        local.seq = seq = (local.seq + 1) & 0xFFFFFFFF
+        body = (_REQ_HEAD.pack(_af(fam), proto, 0, 0, TCPF_ALL)
+                + _ID_PORTS.pack(lport, rport) + lbytes + rbytes
+                + _ID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+        s.send(_NLH.pack(_NLH.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + body)
+        while True:
+            data = self._recv(s)
+            if len(data) < _NLH.size:
+                return None
+            ln, typ, flags, rseq, _ = _NLH.unpack_from(data, 0)
+            if rseq == seq:
+                break             # (else: a stale answer of an earlier, timed-out query)
         if typ == NLMSG_ERROR:
             err = -struct.unpack_from("=i", data, _NLH.size)[0]
             if err in (0, errno.ENOENT):
@@ -293,17 +322,24 @@ def socket_fds(pid: int, proc: str = "/proc"):
 class JobSockets:
     """Index socket inode -> (pid, fd) over every process of a Slurm job.
 
-    A hit is re-checked (one readlink of /proc/PID/fd/FD, then the pid's job).  A miss is
-    authoritative when the index was built by a pass that *started after the question
-    arrived*: the connection existed before the peer asked, so a job process holding it
-    would have been seen.  Otherwise one new pass is made; questions that arrive while a
-    pass runs wait for the next one, which serves all of them (one pass at a time)."""
+    A hit is re-checked (one readlink of /proc/PID/fd/FD, then the pid's job, kept for
+    JOB_TTL seconds per pid).  A miss is authoritative when the index was built by a pass
+    that *started after the question arrived*: the connection existed before the peer
+    asked, so a job process holding it would have been seen.  Otherwise a question waits
+    for the pass running (one at a time) and looks in its index; only if that pass started
+    before the question arrived and missed it is a new pass made, which then serves every
+    question waiting.  (A fan-out's thousand questions arriving during the first pass are
+    all answered from it.)"""
+
+    JOB_TTL = 1.0
+    JOB_CACHE_MAX = 65536
 
     def __init__(self, jobs, proc: str = "/proc", clock=time.monotonic):
         self.jobs = jobs
         self.proc = proc
         self.clock = clock
         self._map: dict[int, tuple[int, int]] = {}
+        self._jobs: dict[int, tuple[tuple[int, int], float]] = {}   # pid -> (job, when)
         self._built_from = float("-inf")     # start time of the pass that built _map
         self._running: float | None = None    # start time of the pass in progress
         self._cond = threading.Condition()
@@ -316,8 +352,25 @@ class JobSockets:
         pid, fd = hit
         if _fd_target(self.proc, pid, fd) != f"socket:[{inode}]":
             return None
+        return self._job_of(pid)
+
+    def _job_of(self, pid: int):
+        """(pid, (job_id, job_uid)) or None.  The job of a pid is kept for JOB_TTL seconds:
+        a launcher's process holds many of the connections asked about at once (a fan-out),
+        and Slurm moves processes into a job, never from one job to another.  The pid still
+        holds the socket (checked just before), so it is the same process."""
+        now = self.clock()
+        kept = self._jobs.get(pid)
+        if kept is not None and now - kept[1] < self.JOB_TTL:
+            return pid, kept[0]
         job = self.jobs.job_of_pid(pid)
-        return (pid, job) if job is not None else None
+        if job is None:
+            self._jobs.pop(pid, None)
+            return None
+        if len(self._jobs) >= self.JOB_CACHE_MAX:
+            self._jobs.clear()
+        self._jobs[pid] = (job, now)
+        return pid, job
 
     def _scan(self) -> dict:
         m = {}
@@ -328,29 +381,31 @@ class JobSockets:
 
     def holder(self, inode: int, arrived: float):
         """(pid, (job_id, job_uid)) of the job process holding the socket, or None."""
-        found = self._check(inode)
-        if found is not None or self._built_from >= arrived:
-            return found
+        while True:
+            found = self._check(inode)
+            if found is not None or self._built_from >= arrived:
+                return found
+            self._next_pass()
+
+    def _next_pass(self):
+        """Make a pass, or wait for the one running to end (its map may hold the socket
+        even though it started before the question arrived: holder() checks it first)."""
         with self._cond:
-            while self._built_from < arrived:
-                if self._running is None:
-                    self._running = start = self.clock()
-                    break
+            if self._running is not None:
                 self._cond.wait()
-            else:
-                start = None                # someone else's pass, started after arrival
-        if start is not None:
-            m = None
-            try:
-                m = self._scan()
-            finally:               # a failed pass wakes the waiters; one of them tries again
-                with self._cond:
-                    if m is not None:
-                        self._map, self._built_from = m, start
-                        self.passes += 1
-                    self._running = None
-                    self._cond.notify_all()
-        return self._check(inode)
+                return
+            self._running = start = self.clock()
+        m = None
+        try:
+            m = self._scan()
+        finally:                   # a failed pass wakes the waiters; one of them tries again
+            with self._cond:
+                if m is not None:
+                    self._map, self._built_from = m, start
+                    self.passes += 1
+                    self._jobs.clear()
+                self._running = None
+                self._cond.notify_all()
 
 
 class HolderScan:

@@ -194,6 +194,59 @@ def test_index_coalesces_concurrent_misses(tcp_pair):
     assert out == [(os.getpid(), (9, 0))] * 20 and jobs.listed == 1
 
 
+def test_index_questions_arriving_during_a_pass_use_its_index(tcp_pair):
+    """A fan-out: questions keep arriving while the first pass runs; the sockets existed
+    before it began, so its index answers them all (no second pass)."""
+    socks = [tcp_pair(socket.AF_INET, "127.0.0.1")[0] for _ in range(10)]
+    inodes = [os.fstat(s.fileno()).st_ino for s in socks]
+    started = threading.Event()
+
+    class SlowJobs(FakeJobs):
+        def job_pids(self):
+            started.set()
+            time.sleep(0.1)
+            return super().job_pids()
+    jobs = SlowJobs([os.getpid()], {os.getpid(): (9, 0)})
+    idx = JobSockets(jobs)
+    out = []
+    first = threading.Thread(target=lambda: out.append(idx.holder(inodes[0], time.monotonic())))
+    first.start()
+    started.wait(5)
+    late = [threading.Thread(target=lambda i=i: out.append(idx.holder(i, time.monotonic())))
+            for i in inodes[1:]]
+    for th in late:
+        th.start()
+    for th in [first, *late]:
+        th.join()
+    assert out == [(os.getpid(), (9, 0))] * 10 and jobs.listed == 1 and idx.passes == 1
+
+
+def test_index_keeps_a_pids_job_for_job_ttl(tcp_pair):
+    """Many connections of one process asked about together: its job is read once per
+    JOB_TTL, and afresh after it (and after every new pass)."""
+    socks = [tcp_pair(socket.AF_INET, "127.0.0.1")[0] for _ in range(3)]
+    inodes = [os.fstat(s.fileno()).st_ino for s in socks]
+    clock = [1000.0]
+
+    class CountingJobs(FakeJobs):
+        asked = 0
+
+        def job_of_pid(self, pid):
+            self.asked += 1
+            return super().job_of_pid(pid)
+    jobs = CountingJobs([os.getpid()], {os.getpid(): (9, 0)})
+    idx = JobSockets(jobs, clock=lambda: clock[0])
+    for i in inodes:
+        assert idx.holder(i, clock[0] - 1) == (os.getpid(), (9, 0))
+    assert jobs.asked == 1
+    clock[0] += JobSockets.JOB_TTL
+    jobs.mapping = {os.getpid(): (10, 0)}
+    assert idx.holder(inodes[0], clock[0] - 1) == (os.getpid(), (10, 0)) and jobs.asked == 2
+    jobs.mapping = {}                     # left every job: not answered from the cache
+    clock[0] += JobSockets.JOB_TTL
+    assert idx.holder(inodes[1], clock[0] - 1) is None
+
+
 def test_holder_scan_bounded_and_rate_limited(tcp_pair):
     cli, _ = tcp_pair(socket.AF_INET, "127.0.0.1")
     ino = os.fstat(cli.fileno()).st_ino
