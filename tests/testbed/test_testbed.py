@@ -109,8 +109,11 @@ def test_platform_is_what_it_says(platform_cluster, platform):
 
 
 def _child_script(prefix, subnet, platform, then):
+    # Ctrl-C's KeyboardInterrupt even when this suite was started in the background of a
+    # non-interactive shell (which starts it with SIGINT ignored, inherited by the child)
     return textwrap.dedent(f"""
-        import os, sys, time
+        import os, signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(ROOT)!r})
         from testbed.cluster import Cluster
         from testbed.platforms import MATRIX
@@ -170,9 +173,10 @@ def test_teardown_leaves_machine_clean(platform_name, how):
             assert c.leftovers(), "a killed run leaves state behind (else this test proves nothing)"
             c.down()  # what the next run does first
     finally:
-        if p.poll() is None:
+        if p.poll() is None:         # the test failed while the run was up: clean up after it
             p.kill()
             p.wait()
+            _fresh_cluster_checks(prefix).down()
     c = _fresh_cluster_checks(prefix)
     assert c.leftovers() == []
     assert _machinery(prefix) == []
