@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon_common import loadavg, pct  # noqa: E402
+from bench_daemon_common import loadavg, pct, print_table  # noqa: E402
 
 
 def renice_daemons(c, nice: int):
@@ -116,16 +116,12 @@ def main():
     print(f"Login burst: {args.logins} concurrent ssh logins from inside job A on node1 into node2 "
           "(caller-ID needed: a newer job B is on node2), test-bed cluster, 2 shared cores")
     print("[target: max caller-ID latency <= 250 ms, 100 % in the right job]")
-    hdr = (f"{'daemon nice':>11} | {'round':>5} | {'in job A':>9} | {'audit paths':>28} | "
-           f"{'caller-ID p50':>13} | {'p99':>7} | {'max ms':>7} | {'burst s':>7} | load")
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        paths = ",".join(f"{k}={v}" for k, v in sorted(r["paths"].items()))
-        print(f"{r['nice']:>11} | {r['round']:>5} | {r['right']:>4}/{r['n']:<4} | {paths:>28} | "
-              f"{r['p50']:13.1f} | {r['p99']:7.1f} | {r['max']:7.1f} | {r['wall']:7.1f} | {r['load']}")
-        if r["wrong"]:
-            print(f"{'':>11}   not in job A: {r['wrong']}")
+    print_table(["daemon nice", "round", "in job A", "audit paths", "caller-ID p50", "p99",
+                 "max ms", "burst s", "load"],
+                [([str(r["nice"]), str(r["round"]), f"{r['right']}/{r['n']}",
+                   ",".join(f"{k}={v}" for k, v in sorted(r["paths"].items())), f"{r['p50']:.1f}",
+                   f"{r['p99']:.1f}", f"{r['max']:.1f}", f"{r['wall']:.1f}", str(r["load"])],
+                  [f"not in job A: {r['wrong']}"] if r["wrong"] else []) for r in rows])
 
 
 if __name__ == "__main__":

@@ -15,10 +15,29 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from testbed.cluster import mkdir_chain, rmdir_retry  # noqa: E402
 PY = sys.executable
 UNIFIED = "/sys/fs/cgroup/unified"
 HOSTILE = str(ROOT / "tests" / "daemon" / "hostile.py")
 BASELINE = "6b555aa"       # the daemon before issue 11 (reviewed state of session 2)
+
+
+def print_table(header: list[str], rows: list) -> None:
+    """A results table: right-aligned cells, each column as wide as its widest cell, a rule
+    under the header.  rows: (cells, notes) pairs, cells as strings (each bench formats its
+    own numbers); notes are lines printed indented under their row."""
+    widths = [max([len(h)] + [len(cells[i]) for cells, _ in rows]) for i, h in enumerate(header)]
+
+    def line(cells):
+        return " | ".join(f"{c:>{w}}" for c, w in zip(cells, widths))
+    hdr = line(header)
+    print(hdr)
+    print("-" * len(hdr))
+    for cells, notes in rows:
+        print(line(cells))
+        for note in notes:
+            print(" " * (widths[0] + 3) + note)
 
 
 def pct(xs, q):
@@ -101,13 +120,7 @@ class Run:
 
     def job_cgroup(self, job: int) -> Path:
         leaf = self.cgroot / "system.slice" / "cidb_slurmstepd.scope" / f"job_{job}" / "step_extern" / "user" / "task_special"
-        p = Path(UNIFIED)
-        for part in leaf.relative_to(UNIFIED).parts:
-            p = p / part
-            if not p.exists():
-                p.mkdir()
-                self.cgdirs.append(p)
-        return leaf
+        return mkdir_chain(leaf, Path(UNIFIED), self.cgdirs)
 
     def spawn_holder(self, socks) -> int:
         """Fork a `sleep` that inherits the given sockets (and holds them)."""
@@ -185,14 +198,7 @@ class Run:
                 pass
         self.kids.clear()
         for d in reversed(self.cgdirs):
-            for _ in range(40):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+            rmdir_retry(d)
         self.cgdirs.clear()
         shutil.rmtree(self.base, ignore_errors=True)
 

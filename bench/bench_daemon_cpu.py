@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon_common import HOSTILE, PY, Run, cpu_seconds, loadavg, pct  # noqa: E402
+from bench_daemon_common import HOSTILE, PY, Run, cpu_seconds, loadavg, pct, print_table  # noqa: E402
 
 CPU = Path("/sys/fs/cgroup/cpu")
 JOB = 888
@@ -145,14 +145,11 @@ def main():
     print()
     print(f"Caller-ID answers ({args.rate:.0f}/s, munge, deadline 1 s) while {args.hogs} CPU-bound "
           f"processes saturate both cores, {args.seconds:.0f} s per setup")
-    hdr = (f"{'setup':>12} | {'answered right':>14} | {'late':>4} | {'p50 ms':>7} | {'p99 ms':>7} | "
-           f"{'max ms':>7} | {'daemon CPU':>10} | load")
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        print(f"{r['setup']:>12} | {r['right']:>6}/{r['n']:<7} | {r['late']:>4} | {r['p50']:7.1f} | "
-              f"{r['p99']:7.1f} | {r['max']:7.1f} | {r['cpu'] * 100:9.1f}% | {r['load']}"
-              + (f" | {r['details']}" if r["details"] else ""))
+    print_table(["setup", "answered right", "late", "p50 ms", "p99 ms", "max ms", "daemon CPU",
+                 "load"],
+                [([r["setup"], f"{r['right']}/{r['n']}", str(r["late"]), f"{r['p50']:.1f}",
+                   f"{r['p99']:.1f}", f"{r['max']:.1f}", f"{r['cpu'] * 100:.1f}%", str(r["load"])],
+                  [f"failures: {r['details']}"] if r["details"] else []) for r in rows])
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon_common import PY, ROOT, Run, cpu_seconds, loadavg, pct, rss_mb  # noqa: E402
+from bench_daemon_common import (PY, ROOT, Run, cpu_seconds, loadavg, pct,  # noqa: E402
+                                 print_table, rss_mb)
 
 sys.path.insert(0, str(ROOT))
 JOB = 999
@@ -340,18 +341,14 @@ def main():
           f"(reserved ports), each about a different connection of one job ({args.procs} processes); "
           f"{where}")
     print(f"[target: 100 % answered correctly, max latency < rpc_timeout ({args.deadline:g} s)]")
-    hdr = (f"{'auth':>6} | {'queries':>7} | {'answered right':>16} | {'late':>5} | {'p50 ms':>7} | "
-           f"{'p99 ms':>7} | {'max ms':>7} | {'RSS MB idle/peak':>16} | {'CPU µs/answer daemon+munged':>27} | "
-           f"{'askers µs/q':>11} | {'send lag p99/max ms':>19} | load | failures")
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        print(f"{r['auth']:>6} | {r['n']:>7} | {r['right']:>7} ({100 * r['right'] / r['n']:5.1f}%) | "
-              f"{r['late']:>5} | {r['p50']:7.1f} | {r['p99']:7.1f} | {r['max']:7.1f} | "
-              f"{r['rss0']:7.1f}/{r['peak']:<8.1f} | {r['us_daemon']:>15.0f} + {r['us_munged']:<9.0f} | "
-              f"{r['us_askers']:>11.0f} | {r['lag99']:>9.1f}/{r['lagmax']:<9.1f} | {r['load']} | "
-              f"{r['errors'] or '-'}")
-
+    print_table(["auth", "queries", "answered right", "late", "p50 ms", "p99 ms", "max ms",
+                 "RSS MB idle/peak", "CPU µs/answer daemon+munged", "askers µs/q",
+                 "send lag p99/max ms", "load"],
+                [([r["auth"], str(r["n"]), f"{r['right']} ({100 * r['right'] / r['n']:.1f}%)",
+                   str(r["late"]), f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{r['max']:.1f}",
+                   f"{r['rss0']:.1f}/{r['peak']:.1f}", f"{r['us_daemon']:.0f} + {r['us_munged']:.0f}",
+                   f"{r['us_askers']:.0f}", f"{r['lag99']:.1f}/{r['lagmax']:.1f}", str(r["load"])],
+                  [f"failures: {r['errors']}"] if r["errors"] else []) for r in rows])
 
 if __name__ == "__main__":
     main()

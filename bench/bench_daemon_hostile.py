@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon_common import HOSTILE, PY, Run, cpu_seconds, loadavg, pct, rss_mb  # noqa: E402
+from bench_daemon_common import (HOSTILE, PY, Run, cpu_seconds, loadavg, pct,  # noqa: E402
+                                 print_table, rss_mb)
 
 JOB = 888
 
@@ -118,27 +119,22 @@ def main():
           f"{args.conns} idle/half-sent connections each and one user floods at {args.flood:.0f}/s, "
           f"{args.seconds:.0f} s; daemon (munge) on CPU 0 at nice {args.nice}, load on CPU 1")
     print("[target: p99 < 100 ms, 0 refused, 0 cached as unreachable]")
-    hdr = (f"{'daemon':>9} | {'legit answered right':>20} | {'refused/failed':>14} | {'cacheable':>9} | "
-           f"{'p50 ms':>7} | {'p99 ms':>7} | {'max ms':>7} | {'flood outcomes':>28} | {'reclaimed':>9} | "
-           f"{'over-cap':>8} | {'CPU':>4} | {'RSS MB':>6} | load")
-    print(hdr)
-    print("-" * len(hdr))
+    table = []
     for r in rows:
-        L = r["legit"]
+        L, st = r["legit"], r["stats"]
         right = L["outcomes"].get("found", 0) - L["wrong_job"]
-        bad = L["n"] - right
-        fo = ",".join(f"{k}={v}" for k, v in sorted(r["flood"]["outcomes"].items()))
-        st = r["stats"]
-        print(f"{r['name']:>9} | {right:>9}/{L['n']:<10} | {bad:>14} | {L['cacheable']:>9} | "
-              f"{r['p50']:7.1f} | {r['p99']:7.1f} | {r['max']:7.1f} | {fo:>28} | "
-              f"{st.get('reclaimed', '-'):>9} | {st.get('over-capacity', '0'):>8} | "
-              f"{r['cpu'] * 100:3.0f}% | {r['rss']:6.1f} | {r['load']}")
-        if L["details"]:
-            print(f"{'':>9}   legit failures: {L['details']}")
-        print(f"{'':>9}   daemon side (accept -> reply written), reserved-port p50/p99 <= "
-              f"{st.get('p50-ms-reserved<', '-')}/{st.get('p99-ms-reserved<', '-')} ms, "
-              f"others p99 <= {st.get('p99-ms-other<', '-')} ms")
-
+        flood = ",".join(f"{k}={v}" for k, v in sorted(r["flood"]["outcomes"].items()))
+        notes = [f"legit failures: {L['details']}"] if L["details"] else []
+        notes.append(f"daemon side (accept -> reply written), reserved-port p50/p99 <= "
+                     f"{st.get('p50-ms-reserved<', '-')}/{st.get('p99-ms-reserved<', '-')} ms, "
+                     f"others p99 <= {st.get('p99-ms-other<', '-')} ms")
+        table.append(([r["name"], f"{right}/{L['n']}", str(L["n"] - right), str(L["cacheable"]),
+                       f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{r['max']:.1f}", flood,
+                       str(st.get("reclaimed", "-")), str(st.get("over-capacity", "0")),
+                       f"{r['cpu'] * 100:.0f}%", f"{r['rss']:.1f}", str(r["load"])], notes))
+    print_table(["daemon", "legit answered right", "refused/failed", "cacheable", "p50 ms",
+                 "p99 ms", "max ms", "flood outcomes", "reclaimed", "over-cap", "CPU", "RSS MB",
+                 "load"], table)
 
 if __name__ == "__main__":
     main()

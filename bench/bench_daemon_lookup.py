@@ -42,7 +42,7 @@ from testbed.cluster import rmdir_retry  # noqa: E402
 from daemon import protocol as P  # noqa: E402
 from daemon.jobs import CgroupJobs  # noqa: E402
 from daemon.lookup import Lookup  # noqa: E402
-from bench_daemon_common import spawn_sleeper  # noqa: E402
+from bench_daemon_common import print_table, spawn_sleeper  # noqa: E402
 
 UNIFIED = "/sys/fs/cgroup/unified"
 
@@ -275,12 +275,10 @@ def main():
     print()
     print("Per-request lookup latency, ms: p50 / p99 (n samples)  [targets: ours p50 < 1 ms at "
           "3,000 processes; ours/unknown p99 < 1 ms at 10,000 processes / 470k fds]")
-    hdr = f"{'procs':>6} {'fds':>8} {'tcp rows':>8} | " + " | ".join(f"{n:>22}" for n in names)
-    print(hdr)
-    print("-" * len(hdr))
-    for nproc, nfds, ntcp, res in rows:
-        cells = [f"{res[n][0]:8.3f} /{res[n][1]:8.3f} ({res[n][2]:>3})" for n in names]
-        print(f"{nproc:>6} {nfds:>8} {ntcp:>8} | " + " | ".join(f"{c:>22}" for c in cells))
+    print_table(["procs", "fds", "tcp rows", *names],
+                [([str(nproc), str(nfds), str(ntcp),
+                   *(f"{res[n][0]:8.3f} /{res[n][1]:8.3f} ({res[n][2]:>3})" for n in names)], [])
+                 for nproc, nfds, ntcp, res in rows])
 
 
 if __name__ == "__main__":

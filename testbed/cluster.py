@@ -1001,6 +1001,18 @@ def _rm_cgroup_tree(node: str) -> None:
             rmdir_retry(d, tries=20)
 
 
+def mkdir_chain(leaf: Path, base: Path, made: list) -> Path:
+    """Create `leaf` and every missing directory between `base` and it, one by one, appending
+    each one created to `made` (parents first: remove them in reverse).  -> leaf"""
+    p = Path(base)
+    for part in Path(leaf).relative_to(base).parts:
+        p = p / part
+        if not p.exists():
+            p.mkdir()
+            made.append(p)
+    return Path(leaf)
+
+
 def rmdir_retry(d, tries: int = 40, pause: float = 0.05) -> bool:
     """rmdir a cgroup directory, retrying while its last processes are still exiting.
     True when it is gone."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.cluster import rmdir_retry
+from testbed.cluster import mkdir_chain, rmdir_retry
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -174,14 +174,7 @@ class JobCgroups:
         <root>/system.slice/cidt_slurmstepd.scope/job_<J>/<step>/user/task_special.
         The job owner is the real uid of its processes (as on v2)."""
         d = self.root / "system.slice" / "cidt_slurmstepd.scope" / f"job_{job}" / step / "user" / "task_special"
-        # create parents one by one to remember them for cleanup
-        p = Path(UNIFIED)
-        for part in d.relative_to(UNIFIED).parts:
-            p = p / part
-            if not p.exists():
-                p.mkdir()
-                self.dirs.append(p)
-        return d
+        return mkdir_chain(d, Path(UNIFIED), self.dirs)
 
     def add(self, cg: Path, pid: int):
         (cg / "cgroup.procs").write_text(f"{pid}\n")
