@@ -28,6 +28,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 from . import protocol as P
@@ -95,7 +96,7 @@ class SockDiag:
 
     def __init__(self):
         self._local = threading.local()
-        self._all: list[socket.socket] = []
+        self._all = weakref.WeakSet()      # for close(); a thread's socket dies with it
         self._all_lock = threading.Lock()
         self._closed = False
         self._sock()              # fails here (OSError) where netlink sock_diag is unavailable
@@ -110,15 +111,14 @@ class SockDiag:
             s.bind((0, 0))
             self._local.sock, self._local.seq = s, 0
             with self._all_lock:
-                self._all.append(s)
+                self._all.add(s)
         return s
 
     def close(self):
         with self._all_lock:
             self._closed = True
-            for s in self._all:
+            for s in list(self._all):
                 s.close()
-            self._all.clear()
 
     def _recv(self, s: socket.socket) -> bytes:
         try:

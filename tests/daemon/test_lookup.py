@@ -1,5 +1,7 @@
 """Lookup on loopback in the test's own namespace: every socket backend agrees, IPv4-mapped
 and UDP cases, inode -> pid stages, vanishing pids, job parsing."""
+import gc
+import ipaddress
 import os
 import socket
 import threading
@@ -245,6 +247,26 @@ def test_index_keeps_a_pids_job_for_job_ttl(tcp_pair):
     jobs.mapping = {}                     # left every job: not answered from the cache
     clock[0] += JobSockets.JOB_TTL
     assert idx.holder(inodes[1], clock[0] - 1) is None
+
+
+def test_sockdiag_socket_per_thread_dies_with_its_thread(tcp_pair):
+    """Each thread asks on its own netlink socket; a thread that ends takes its socket with it
+    (a pool that replaces threads leaks nothing); close() closes the ones still in use."""
+    cli, _ = tcp_pair(socket.AF_INET, "127.0.0.1")
+    (ca, cp), (sa, sp) = cli.getsockname(), cli.getpeername()
+    diag = SockDiag()
+    before = len(os.listdir("/proc/self/fd"))
+    found = []
+    for _ in range(20):
+        t = threading.Thread(target=lambda: found.append(
+            diag.find(P.PROTO_TCP, ipaddress.ip_address(ca), cp, ipaddress.ip_address(sa), sp)))
+        t.start()
+        t.join()
+    gc.collect()
+    assert [f.inode for f in found] == [os.fstat(cli.fileno()).st_ino] * 20
+    assert len(os.listdir("/proc/self/fd")) <= before
+    diag.close()
+    assert len(os.listdir("/proc/self/fd")) < before      # the first thread's (this one's)
 
 
 def test_holder_scan_bounded_and_rate_limited(tcp_pair):
