@@ -67,7 +67,7 @@ class Handler:
         self.node = node
         self.slurm_uid = cfg.slurm_uid()
         n = self.processes
-        self.user_rate = TokenBuckets(cfg.rate_limit / n, max(1, -(-cfg.rate_burst // n)))
+        self.user_rate = TokenBuckets(cfg.rate_limit / n, max(1, per_process(cfg.rate_burst, n)))
         self.log_unknown_holder = cfg.log_unknown_holder
         self.replay.window_ms = int(cfg.max_clock_skew * 1000)
         self.debug = log.isEnabledFor(logging.DEBUG)
@@ -148,6 +148,11 @@ class Handler:
 
 
 _ANSWER_KEY = {k: f"answers-{v}" for k, v in P.STATUS_NAMES.items()}
+
+
+def per_process(total: int, processes: int) -> int:
+    """One serving process's part of a limit: total / processes, rounded up."""
+    return -(-total // processes)
 _LINGER0 = struct.pack("ii", 1, 0)
 
 
@@ -531,12 +536,12 @@ class Server:
         return out
 
     def _set_limits(self, cfg):
-        share = -(-cfg.max_connections // self.processes)
-        usable = _raise_fd_limit(share + FD_RESERVE) - FD_RESERVE
-        self.max_connections = max(1, min(share, usable))
-        if self.max_connections < share:
+        mine = per_process(cfg.max_connections, self.processes)
+        usable = _raise_fd_limit(mine + FD_RESERVE) - FD_RESERVE
+        self.max_connections = max(1, min(mine, usable))
+        if self.max_connections < mine:
             log.warning("event=max-connections-lowered configured=%d effective=%d reason=fd-limit",
-                        share, self.max_connections)
+                        mine, self.max_connections)
 
     # -- the periodic sweep ----------------------------------------------------------------------
     SWEEP_SLICE = 200      # connections closed per turn of the loop (accepts run in between)

@@ -228,7 +228,13 @@ class Service:
             fds = []
             if then is not None:
                 run, then = then, None
-                run(NO_ACK if enter is None else self._ack(conn, peer) if enter else None)
+                if enter is None:                  # the generic failure went instead
+                    ack = NO_ACK
+                elif enter:                        # the client acknowledges entering
+                    ack = self._ack(conn, peer)
+                else:                              # no entry: an adoption after the reply
+                    ack = None
+                run(ack)
         except OSError as e:
             log.warning("event=pam-io-error pid=%d error=%s", peer.pid, e)
         finally:
