@@ -11,16 +11,21 @@ for under the compiler's multiarch library directories first.
 """
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+
+from daemon.version import VERSION
+from pam_callerid.pamconf import IDENT, module_dir, module_dirs
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pam_callerid.c")
 CFLAGS = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2", "-fPIC", "-shared",
           "-fvisibility=hidden", "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong"]
 LDFLAGS = ["-Wl,-z,relro", "-Wl,-z,now", "-Wl,--as-needed"]
 LIBS = ["-lpam"]
+VERSION_CHARS = re.compile(r"[0-9A-Za-z.+~]+\Z")    # as packaging/deb/build.sh accepts
 
 
 class BuildError(Exception):
@@ -40,13 +45,21 @@ def _run(cmd):
     return r
 
 
-def build(out, name="pam_callerid", verbose=False):
+def version_defines(version):
+    """The -D flags that build ``version`` into the module: sent in each request (the
+    daemon logs a module older or newer than itself) and kept as pamconf.IDENT + version."""
+    if not VERSION_CHARS.match(version):
+        raise BuildError("bad version %r (letters, digits and . + ~ only)" % version)
+    return ['-DCALLERID_VERSION="%s"' % version, '-DCALLERID_IDENT="%s%s"' % (IDENT, version)]
+
+
+def build(out, name="pam_callerid", verbose=False, version=VERSION):
     """Compile pam_callerid.c into ``out``/<name>.so (mode 0644, atomic replace); returns
     the path."""
     os.makedirs(out, exist_ok=True)
     final = os.path.join(out, name + ".so")
     tmp = final + ".tmp%d" % os.getpid()
-    cmd = [compiler()] + CFLAGS + ["-o", tmp, SOURCE] + LDFLAGS + LIBS
+    cmd = [compiler()] + CFLAGS + version_defines(version) + ["-o", tmp, SOURCE] + LDFLAGS + LIBS
     if verbose:
         print(" ".join(cmd))
     r = _run(cmd)
@@ -67,17 +80,12 @@ def _multiarch():
 
 def pam_module_dir():
     """The directory of the system's PAM modules: where pam_unix.so is."""
-    ma = _multiarch()
-    candidates = []
-    if ma:
-        candidates += ["/lib/%s/security" % ma, "/usr/lib/%s/security" % ma]
-    candidates += ["/lib64/security", "/usr/lib64/security", "/lib/security",
-                   "/usr/lib/security"]
-    for d in candidates:
-        if os.path.isfile(os.path.join(d, "pam_unix.so")):
-            return d
-    raise BuildError("cannot find the PAM module directory (no pam_unix.so in %s); give "
-                     "--install-dir" % ", ".join(candidates))
+    multiarch = _multiarch()
+    found = module_dir(multiarch)
+    if found is None:
+        raise BuildError("cannot find the PAM module directory (no pam_unix.so in %s); give "
+                         "--install-dir" % ", ".join(module_dirs(multiarch)))
+    return found
 
 
 def install(so, install_dir=None, name="pam_callerid.so"):
@@ -99,6 +107,8 @@ def main(argv=None):
                     help="output directory for pam_callerid.so (default with --install: a "
                          "temporary directory, removed afterwards)")
     ap.add_argument("--name", default="pam_callerid", help="module base name")
+    ap.add_argument("--version", default=VERSION,
+                    help="the version built into the module (default: daemon/version.py's, %(default)s)")
     ap.add_argument("--install", action="store_true", help="also install the module")
     ap.add_argument("--install-dir", default=None,
                     help="PAM module directory (default: the one holding pam_unix.so)")
@@ -108,7 +118,7 @@ def main(argv=None):
         ap.error("give --out DIR, or --install")
     out = a.out or tempfile.mkdtemp(prefix="pam_callerid-build-")
     try:
-        so = build(out, a.name, a.verbose)
+        so = build(out, a.name, a.verbose, a.version)
         print("built", so)
         if a.install:
             print("installed", install(so, a.install_dir, a.name + ".so"))

@@ -19,6 +19,9 @@ pam-socket  the PAM decision socket exists, is root's, accepts a connection from
             server runs as root, and it answers a request that decides nothing
 audit       the audit directory is root's and not writable by others; the file, if present,
             is a regular root-owned file
+module      pam_callerid.so is in the system's PAM module directory, root's and writable by
+            root only, and built from this version (a module from another version is a
+            warning: an upgrade replaced one of the two)
 nodes       (--nodes/--all-nodes) each listed node's daemon answers an authenticated
             caller-ID question (firewall, AuthType, key and munge realm all agree)
 
@@ -32,6 +35,7 @@ import socket
 import stat
 import subprocess
 import sys
+import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -330,6 +334,42 @@ def check_audit(audit_dir=None, name=None):
     return Result("audit", OK, f"{audit_dir}: root's, mode {stat.S_IMODE(st.st_mode):04o}")
 
 
+MAX_MODULE = 16 << 20        # bytes read from pam_callerid.so when looking for its version
+
+
+def module_version(data: bytes) -> str | None:
+    """The version built into a pam_callerid.so's bytes (pamconf.IDENT + version), or None."""
+    from .pamconf import IDENT
+    at = data.find(IDENT.encode())
+    if at < 0:
+        return None
+    start = at + len(IDENT)
+    end = data.find(b"\0", start, start + 65)
+    return data[start:end].decode("ascii", "replace") if end > start else None
+
+
+def check_module(version, pam_dir=None):
+    """The installed module: there, safe, and from `version`."""
+    from .pamconf import MODULE, module_dir
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    pam_dir = pam_dir or module_dir(multiarch)
+    if pam_dir is None:
+        return Result("module", FAIL, "cannot find the PAM module directory (no pam_unix.so)")
+    path = os.path.join(os.path.realpath(pam_dir), MODULE)    # Debian 12: /lib -> usr/lib
+    why = path_problem(path)
+    if why:
+        return Result("module", FAIL, f"{path}: {why}")
+    try:
+        with open(path, "rb") as f:
+            built = module_version(f.read(MAX_MODULE))
+    except OSError as e:
+        return Result("module", FAIL, f"{path}: {e.strerror}")
+    if built == version:
+        return Result("module", OK, f"{path}: version {built}")
+    return Result("module", WARN, f"{path}: version {built or 'unknown'}, the daemon's is "
+                  f"{version}: install the module of this version")
+
+
 def check_nodes(cfg, auth, nodes, timeout, workers=32):
     """One Result per node: {name: address}."""
     def one(item):
@@ -345,8 +385,9 @@ def check_nodes(cfg, auth, nodes, timeout, workers=32):
 
 # ------------------------------------------------------------------ driver
 def run_checks(config_path=None, *, nodes=None, all_nodes=False, timeout=2.0,
-               audit_dir=None):
+               audit_dir=None, pam_dir=None):
     """Every check, in order; returns the list of Results."""
+    from daemon.version import VERSION
     results = []
     res, cfg = check_config(config_path)
     results.append(res)
@@ -363,6 +404,7 @@ def run_checks(config_path=None, *, nodes=None, all_nodes=False, timeout=2.0,
         results.append(check_daemon(cfg, auth, timeout))
     results.append(check_pam_socket(cfg, timeout))
     results.append(check_audit(audit_dir))
+    results.append(check_module(VERSION, pam_dir))
     if nodes is not None or all_nodes:
         from cgroups.paths import expand_hostlist
         try:

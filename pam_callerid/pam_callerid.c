@@ -13,7 +13,8 @@
  *
  *   request  "callerid-pam 1\n" then key=value lines: phase, service, user, rhost, tty,
  *            conn (the TCP connection found among this process's fds), ssh_connection,
- *            silent, and every module argument as arg=... in order;
+ *            silent, module (this client's version), and every module argument as
+ *            arg=... in order;
  *   reply    "callerid-pam 1\n" then rc= (once), error=, info=, env= (repeatable),
  *            setns=mnt with exactly one fd attached (SCM_RIGHTS), setns_fail=,
  *            enter=N with N more fds: cgroup v1 `tasks` files of the job's extern step,
@@ -61,6 +62,13 @@
 #include <security/pam_modules.h>
 
 #define CID_EXPORT __attribute__((visibility("default")))
+
+/* pam_callerid/build.py defines both: the version is sent with each request, and kept in
+   the file as pamconf.IDENT + version for `callerid check` (and `strings`). */
+#if !defined(CALLERID_VERSION) || !defined(CALLERID_IDENT)
+#error "build with pam_callerid/build.py: it defines CALLERID_VERSION and CALLERID_IDENT"
+#endif
+__attribute__((used)) static const char ident[] = CALLERID_IDENT;
 
 #define MAGIC "callerid-pam 1"
 #define MAX_MSG 16384                 /* protocol v1: the longest message, both ways */
@@ -473,6 +481,7 @@ static void build_request(pam_handle_t *pamh, enum phase ph, int flags, int argc
         pam_syslog(pamh, LOG_ERR, "SSH_CONNECTION holds a newline or is not UTF-8; not sent");
     if (flags & PAM_SILENT)
         put(m, "silent=1\n");
+    put(m, "module=" CALLERID_VERSION "\n");
     for (i = 0; i < argc; i++) {
         if (!argv[i])
             continue;

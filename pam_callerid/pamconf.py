@@ -13,6 +13,10 @@ or parse is a no: the account phase then adopts before it answers, as always.
 ``session_reaches`` is pure; ``SessionStacks`` reads the files (root-owned regular files,
 bounded size: settings.read_regular) and keeps each answer until one of the files read
 changes (settings.stamp).
+
+Also here, the other facts about where libpam finds the module: ``module_dir`` (the
+directory of the system's modules) and ``IDENT`` (the version string built into the module,
+so that ``callerid check`` can tell which version is installed).
 """
 from __future__ import annotations
 
@@ -22,9 +26,25 @@ from .settings import SettingsError, read_regular, stamp
 
 PAM_DIR = "/etc/pam.d"
 MODULE = "pam_callerid.so"
+IDENT = "slurm-callerid pam_callerid.so version "    # + VERSION, NUL-terminated, in the .so
 MAX_FILE = 65536
 MAX_DEPTH = 8
 _CONTROLS = ("required", "requisite", "optional", "sufficient", "include", "substack")
+
+
+def module_dirs(multiarch: str) -> list[str]:
+    """The directories that may hold the system's PAM modules, most specific first (Debian:
+    /lib/<multiarch>/security; EL: /usr/lib64/security)."""
+    out = [f"/lib/{multiarch}/security", f"/usr/lib/{multiarch}/security"] if multiarch else []
+    return out + ["/lib64/security", "/usr/lib64/security", "/lib/security", "/usr/lib/security"]
+
+
+def module_dir(multiarch: str) -> str | None:
+    """The system's PAM module directory: the first of module_dirs holding pam_unix.so."""
+    for d in module_dirs(multiarch):
+        if os.path.isfile(os.path.join(d, "pam_unix.so")):
+            return d
+    return None
 
 
 class PamConfError(ValueError):

@@ -35,6 +35,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from daemon.version import VERSION
+
 from .login import NO_ACK, generic_failure_reply
 from .peer import PeerError, peer_of
 from .wire import MAX_MESSAGE, Reply, WireError, encode_reply, parse_ack, parse_request
@@ -125,6 +127,7 @@ class Service:
         self._thread = None
         self._wake_r = self._wake_w = None
         self.served = self.refused = self.malformed = 0
+        self.other_modules = set()       # module versions other than ours, logged once each
 
     def start(self):
         self._sock = bind_socket(self.path)
@@ -211,6 +214,7 @@ class Service:
                     self.metrics.pam_rejected("malformed")
                 self._send(conn, encode_reply(Reply("system_err")), None)
                 return
+            self._note_module(req.module, peer)
             enter = None                           # the reply's enter=, None: not sent
             try:
                 reply, fds, then = self.logins.handle(req, peer, t0)
@@ -243,6 +247,20 @@ class Service:
                 then(NO_ACK)
             peer.close()
             conn.close()
+
+    MAX_OTHER_MODULES = 16
+
+    def _note_module(self, version, peer):
+        """Log once per version a module built from another version than this daemon (an
+        upgrade that replaced one of the two); the login goes on."""
+        if version == VERSION or version in self.other_modules or \
+                len(self.other_modules) >= self.MAX_OTHER_MODULES:
+            return
+        self.other_modules.add(version)
+        log.warning("event=pam-module-version module=%s daemon=%s pid=%d: pam_callerid.so and "
+                    "the daemon come from different versions; install the module of this "
+                    "version (callerid check shows both)", version or "unknown", VERSION,
+                    peer.pid)
 
     def _ack(self, conn, peer):
         """The client's acknowledgement of ``enter=`` (wire.parse_ack's value), or NO_ACK."""

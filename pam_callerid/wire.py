@@ -24,6 +24,7 @@ Request (client -> service)::
     conn=SRC_IP SRC_PORT DST_IP DST_PORT   the TCP connection (optional)
     ssh_connection=...         SSH_CONNECTION                (optional)
     silent=1                   PAM_SILENT was passed         (optional)
+    module=0.1.0               the client's version          (optional)
     arg=action_no_jobs=deny    each module argument, in order (repeatable)
 
 Reply (service -> client)::
@@ -67,7 +68,7 @@ MAX_ENTER = 12               # enter=N: at most this many tasks files (v1 hierar
 
 # key -> maximum value length in bytes (UTF-8); "arg" is the only repeatable request key
 _REQUEST_KEYS = {"phase": 16, "service": 255, "user": 255, "rhost": 1025, "tty": 255,
-                 "conn": 128, "ssh_connection": 255, "silent": 1, "arg": 1024}
+                 "conn": 128, "ssh_connection": 255, "silent": 1, "module": 64, "arg": 1024}
 _REQUIRED = ("phase", "service", "user")
 
 
@@ -99,6 +100,7 @@ class Request:
     ssh_connection: str | None = None
     silent: bool = False
     args: tuple[str, ...] = ()
+    module: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +214,7 @@ def parse_request(data: bytes) -> Request:
             raise WireError(f"{what}: conn: {e}") from None
     return Request(fields["phase"], fields["service"], fields["user"], fields.get("rhost"),
                    fields.get("tty"), conn, fields.get("ssh_connection"), "silent" in fields,
-                   tuple(args))
+                   tuple(args), fields.get("module"))
 
 
 def _value(key: str, v: str) -> str:
@@ -234,6 +236,8 @@ def encode_request(req: Request) -> bytes:
         out.append(f"conn={req.conn}")
     if req.silent:
         out.append("silent=1")
+    if req.module is not None:
+        out.append(f"module={_value('module', req.module)}")
     out += [f"arg={_value('arg', a)}" for a in req.args]
     data = ("\n".join(out) + "\n").encode()
     if len(data) > MAX_MESSAGE:

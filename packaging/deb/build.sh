@@ -49,7 +49,7 @@ build_pam_module() {
     local out=$1
     [ -f "$HERE/pam_callerid/pam_callerid.c" ] || die "pam_callerid/pam_callerid.c is missing"
     (cd "$HERE" && "$PY" -I -B -c 'import sys; sys.path.insert(0, "."); from pam_callerid.build import main; sys.exit(main(sys.argv[1:]))' \
-        --out "$out" >&2) || die "building the PAM module failed"
+        --out "$out" --version "$VERSION" >&2) || die "building the PAM module failed"
     [ -f "$out/pam_callerid.so" ] || die "the PAM module build left no $out/pam_callerid.so"
 }
 

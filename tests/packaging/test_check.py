@@ -209,3 +209,32 @@ def test_audit_directory(d):
     os.mkfifo(a / "audit.jsonl")
     res = C.check_audit(str(a))
     assert res.status == C.FAIL and "FIFO" in res.detail
+
+
+# ---------------------------------------------------------------- the installed module
+def test_installed_module_and_its_version(d):
+    """The module in the PAM directory: missing, planted or writable by others fails; one
+    of another version, or with no version in it, is a warning naming both versions."""
+    from pam_callerid.build import build
+    pam = d / "security"
+    pam.mkdir(mode=0o755)
+    so = pam / "pam_callerid.so"
+    res = C.check_module("1.2.3", str(pam))
+    assert res.status == C.FAIL and "does not exist" in res.detail, res
+    build(str(pam), version="1.2.3")
+    res = C.check_module("1.2.3", str(pam))
+    assert res.status == C.OK and res.detail == f"{so}: version 1.2.3", res
+    res = C.check_module("1.2.4", str(pam))
+    assert res.status == C.WARN and "version 1.2.3, the daemon's is 1.2.4" in res.detail, res
+    os.chmod(so, 0o666)
+    res = C.check_module("1.2.3", str(pam))
+    assert res.status == C.FAIL and "writable by every user" in res.detail, res
+    so.unlink()
+    so.write_bytes(b"\x7fELF" + os.urandom(4096))
+    res = C.check_module("1.2.3", str(pam))
+    assert res.status == C.WARN and "version unknown" in res.detail, res
+    so.unlink()
+    os.mkfifo(so)
+    t0 = time.monotonic()
+    res = C.check_module("1.2.3", str(pam))
+    assert res.status == C.FAIL and "FIFO" in res.detail and time.monotonic() - t0 < 1, res

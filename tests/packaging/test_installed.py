@@ -101,7 +101,7 @@ def test_check_passes_on_a_healthy_node(cluster, healthy):
     r = check(cluster, "node1", healthy, "--nodes", "node2")
     assert r.rc == 0, r.out + r.err
     out = r.out
-    for name in ("config", "layout", "auth", "daemon", "pam-socket", "node node2"):
+    for name in ("config", "layout", "auth", "daemon", "pam-socket", "module", "node node2"):
         assert re.search(rf"^  ok\s+{re.escape(name)}\s", out, re.M), out
     assert re.search(r"Slurm 2\d\.\d\d\.\d+, cgroup v[12], node node1", out), out
 

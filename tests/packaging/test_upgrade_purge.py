@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from pam_callerid.check import OK, check_module
 from tests.packaging.pkgtool import deb_files, installed_version, leftovers, run
 
 pytestmark = [
@@ -28,6 +29,8 @@ def test_upgrade_keeps_local_configuration_and_the_audit_trail(installed_package
     assert version and new.endswith(f"_{version}_" + new.rsplit("_", 1)[1])
     upstream = version.rsplit("-", 1)[0]
     assert run(["/usr/sbin/callerid", "--version"]).stdout.strip() == f"slurm-callerid {upstream}"
+    module = check_module(upstream)                # the package's PAM module, of its version
+    assert module.status == OK and module.detail.endswith(f": version {upstream}"), module
     assert open(conf).read().endswith("# local change kept across upgrades\n")
     assert '"path": "single"' in open(audit).read()
     # only the conffile we changed differs from the package

@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 
+from daemon.version import VERSION
 from forged_daemon import ForgedDaemon
 from pamhelpers import USER_PREFIX, _need_root
 
@@ -131,6 +132,21 @@ def test_exports_links_and_imports(so):
     assert {"setns", "recvmsg", "poll", "pam_syslog"} <= names
 
 
+def test_version_is_built_in(so, tmp_path):
+    """The version goes into the module (sent with each request, read by callerid check);
+    the packages build it with theirs; a version that is not one is refused."""
+    from pam_callerid.build import BuildError, build
+    from pam_callerid.check import module_version
+    with open(so, "rb") as f:
+        assert module_version(f.read()) == VERSION
+    other = build(str(tmp_path), version="9.8.7+site1")
+    with open(other, "rb") as f:
+        assert module_version(f.read()) == "9.8.7+site1"
+    for bad in ("", "1.0\"", "1.0 -DX", "1/0"):
+        with pytest.raises(BuildError, match="bad version"):
+            build(str(tmp_path), version=bad)
+
+
 def test_build_cli(tmp_path):
     _need_root()
     from pam_callerid.build import pam_module_dir
@@ -217,8 +233,9 @@ def test_request_lines(so, services, sockdir, cid_user):
             "tty=ssh", "ssh_connection=10.1.2.3 5555 10.9.9.9 22"]
     args = ["arg=service=%s" % svc, "arg=socket=%s" % d.path, "arg=action_no_jobs=ignore",
             "arg=Quiet", ""]
-    assert lines(recs[0]) == head[:1] + ["phase=account"] + head[1:] + ["silent=1"] + args
-    assert lines(recs[1]) == head[:1] + ["phase=session"] + head[1:] + args
+    module = "module=" + VERSION
+    assert lines(recs[0]) == head[:1] + ["phase=account"] + head[1:] + ["silent=1", module] + args
+    assert lines(recs[1]) == head[:1] + ["phase=session"] + head[1:] + [module] + args
     assert [rec["peer"][:2] for rec in recs] == [[r.pid, 0], [r.pid, 0]]
 
 
@@ -361,8 +378,8 @@ def test_wire_compatibility(so, services, sockdir, cid_user):
     finally:
         for s in a:
             s.close()
-    assert (req.phase, req.service, req.user, req.rhost, req.tty, req.silent) == (
-        "account", svc, cid_user[0], "::1", "ssh", True)
+    assert (req.phase, req.service, req.user, req.rhost, req.tty, req.silent, req.module) == (
+        "account", svc, cid_user[0], "::1", "ssh", True, VERSION)
     assert str(req.conn) == conn and req.conn.src_ip == "::ffff:127.0.0.1"
     assert req.args == ("service=%s" % svc, "socket=%s" % d.path,
                         "action_generic_failure=allow")

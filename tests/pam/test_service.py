@@ -3,6 +3,7 @@ its socket, who may talk to it, hostile and broken requests, the pid it adopts, 
 its audit writer and its logs. Real sockets, a real service, the real C client through
 pamtester where a login is needed, the synthetic Slurm node of fakes.py."""
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -135,6 +136,20 @@ def test_malformed_requests_get_system_err_and_service_goes_on(pam_service, name
     # the service still answers a good request
     rep = reply_of(exchange(pam_service.socket, GOOD % b"cidt-no-such-user"))
     assert rep.rc == "session_err"               # unknown user, as pam_slurm_adopt
+
+
+def test_module_of_another_version_is_logged_once_per_version(pam_service, caplog):
+    """A module older or newer than the daemon (an upgrade replaced only one of them) is
+    named once per version in the log; the logins go on."""
+    from daemon.version import VERSION
+    caplog.set_level(logging.WARNING, logger="callerid.pam")
+    base = GOOD % b"cidt-no-such-user"
+    for module in (VERSION, "0.0.9", "0.0.9", None, "9.9", None, VERSION):
+        data = base if module is None else base + b"module=%s\n" % module.encode()
+        assert reply_of(exchange(pam_service.socket, data)).rc == "session_err"
+    said = [r.getMessage() for r in caplog.records if "event=pam-module-version" in r.getMessage()]
+    assert [m.split()[1] for m in said] == ["module=0.0.9", "module=unknown", "module=9.9"], said
+    assert all(f"daemon={VERSION}" in m for m in said)
 
 
 def test_client_that_sends_nothing_does_not_block_others(pam_service):

@@ -7,7 +7,7 @@ from pam_callerid.wire import Conn, Reply, Request, WireError
 
 GOOD = (b"callerid-pam 1\nphase=account\nservice=sshd\nuser=alice\nrhost=10.199.3.254\n"
         b"tty=ssh\nconn=10.199.3.254 40022 10.199.3.2 22\n"
-        b"ssh_connection=10.199.3.254 40022 10.199.3.2 22\nsilent=1\n"
+        b"ssh_connection=10.199.3.254 40022 10.199.3.2 22\nsilent=1\nmodule=0.1.0\n"
         b"arg=action_no_jobs=deny\narg=nodename=node2\n")
 
 
@@ -16,13 +16,13 @@ def test_parse_good_request():
     assert r == Request("account", "sshd", "alice", "10.199.3.254", "ssh",
                         Conn("10.199.3.254", 40022, "10.199.3.2", 22),
                         "10.199.3.254 40022 10.199.3.2 22", True,
-                        ("action_no_jobs=deny", "nodename=node2"))
+                        ("action_no_jobs=deny", "nodename=node2"), "0.1.0")
 
 
 def test_minimal_request_and_empty_values():
     r = wire.parse_request(b"callerid-pam 1\nphase=session\nservice=\nuser=\nrhost=\n")
-    assert (r.phase, r.service, r.user, r.rhost, r.conn, r.silent, r.args) == \
-        ("session", "", "", "", None, False, ())
+    assert (r.phase, r.service, r.user, r.rhost, r.conn, r.silent, r.args, r.module) == \
+        ("session", "", "", "", None, False, (), None)
 
 
 def test_ipv6_and_mapped_conn_kept_as_sent():
@@ -56,6 +56,8 @@ BAD = {
     "conn double space": GOOD.replace(b"conn=10.199.3.254 ", b"conn=10.199.3.254  "),
     "long user": GOOD.replace(b"user=alice", b"user=" + b"a" * 256),
     "long arg": GOOD + b"arg=" + b"x" * 1025 + b"\n",
+    "long module": GOOD.replace(b"module=0.1.0", b"module=" + b"1" * 65),
+    "duplicate module": GOOD + b"module=0.1.0\n",
     "too many args": GOOD + b"arg=x\n" * 63,
     "oversized": GOOD + b"arg=" + b"x" * 1000 + b"\n" + (b"arg=y\n" * 3000),
 }
@@ -100,7 +102,8 @@ _requests = st.builds(
     Request, st.sampled_from(wire.PHASES), _text.filter(lambda s: len(s.encode()) <= 255),
     _text.filter(lambda s: len(s.encode()) <= 255),
     st.none() | _text, st.none() | _text, st.none() | _conn, st.none() | _text,
-    st.booleans(), st.lists(_text, max_size=8).map(tuple))
+    st.booleans(), st.lists(_text, max_size=8).map(tuple),
+    st.none() | _text.filter(lambda s: len(s.encode()) <= 64))
 
 
 @given(_requests)
