@@ -23,15 +23,7 @@ OUTDIR=${1:-$HERE/build/deb}
 PY=/usr/bin/python3
 
 die() { echo "packaging/deb/build.sh: $*" >&2; exit 1; }
-
-upstream_version() {
-    if [ -n "${CALLERID_VERSION:-}" ]; then
-        echo "$CALLERID_VERSION"
-    else
-        "$PY" -c 'import re,sys; print(re.search(r"^VERSION = \"([^\"]+)\"", open(sys.argv[1]).read(), re.M)[1])' \
-            "$HERE/daemon/version.py"
-    fi
-}
+. "$HERE/packaging/common.sh"
 
 # the directory libpam loads modules from on this system: where pam_unix.so is (one
 # definition: pam_callerid.build.pam_module_dir; Debian 12: /lib/x86_64-linux-gnu/security)
@@ -42,35 +34,6 @@ pam_module_dir() {
 
 systemd_unit_dir() {
     pkg-config --variable=systemdsystemunitdir systemd 2>/dev/null || echo /lib/systemd/system
-}
-
-# the PAM client, built by the project's own build script (gcc, libpam only)
-build_pam_module() {
-    local out=$1
-    [ -f "$HERE/pam_callerid/pam_callerid.c" ] || die "pam_callerid/pam_callerid.c is missing"
-    (cd "$HERE" && "$PY" -I -B -c 'import sys; sys.path.insert(0, "."); from pam_callerid.build import main; sys.exit(main(sys.argv[1:]))' \
-        --out "$out" --version "$VERSION" >&2) || die "building the PAM module failed"
-    [ -f "$out/pam_callerid.so" ] || die "the PAM module build left no $out/pam_callerid.so"
-}
-
-# the run-time Python packages: every module of pam_callerid, daemon and cgroups except
-# the build-time and demo ones; byte-compiled as installed (tracebacks name /usr/lib/...)
-RUNTIME_EXCLUDE="pam_callerid/build.py pam_callerid/demo.py"
-stage_python() {
-    local dest=$1 f rel
-    install -d -m 0755 "$dest$LIBDIR"
-    for pkg in pam_callerid daemon cgroups; do
-        install -d -m 0755 "$dest$LIBDIR/$pkg"
-        for f in "$HERE/$pkg"/*.py; do
-            rel=$pkg/$(basename "$f")
-            case " $RUNTIME_EXCLUDE " in *" $rel "*) continue ;; esac
-            install -m 0644 "$f" "$dest$LIBDIR/$rel"
-        done
-    done
-    printf '"""The product'"'"'s version (written by packaging/deb/build.sh)."""\nVERSION = "%s"\n' \
-        "$VERSION" > "$dest$LIBDIR/daemon/version.py"
-    "$PY" -I -B -m compileall -q --invalidation-mode checked-hash -s "$dest" -p / \
-        "$dest$LIBDIR" >/dev/null || die "byte-compiling failed"
 }
 
 stage_files() {
@@ -155,8 +118,7 @@ EOF
     chmod 0644 "$dest/DEBIAN/control" "$dest/DEBIAN/conffiles" "$dest/DEBIAN/md5sums"
 }
 
-VERSION=$(upstream_version)
-case "$VERSION" in *[!0-9A-Za-z.+~]*|"") die "bad version '$VERSION'" ;; esac
+VERSION=$(callerid_version) || die "no version to package"
 DEBVERSION=$VERSION-1
 MAINTAINER=${CALLERID_MAINTAINER:-slurm-callerid maintainers <root@localhost>}
 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(cd "$HERE" && git log -1 --format=%ct 2>/dev/null || date +%s)}
@@ -166,8 +128,8 @@ trap 'rm -rf "$BUILD"' EXIT
 umask 022
 ROOT=$BUILD/root
 mkdir -p "$ROOT" "$BUILD/pam"
-build_pam_module "$BUILD/pam"
-stage_python "$ROOT"
+build_pam_module "$BUILD/pam" "$VERSION" "$PY" || die "building the PAM module failed"
+stage_python "$ROOT" "$LIBDIR" "$VERSION" "$PY" || die "staging the Python packages failed"
 stage_files "$ROOT"
 write_control "$ROOT"
 mkdir -p "$OUTDIR"
