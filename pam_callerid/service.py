@@ -252,15 +252,15 @@ class Service:
 
     def _note_module(self, version, peer):
         """Log once per version a module built from another version than this daemon (an
-        upgrade that replaced one of the two); the login goes on."""
-        if version == VERSION or version in self.other_modules or \
+        upgrade that replaced one of the two); the login goes on.  A request without a
+        version (a tool's, e.g. callerid check's probe) is not a module's."""
+        if version is None or version == VERSION or version in self.other_modules or \
                 len(self.other_modules) >= self.MAX_OTHER_MODULES:
             return
         self.other_modules.add(version)
         log.warning("event=pam-module-version module=%s daemon=%s pid=%d: pam_callerid.so and "
                     "the daemon come from different versions; install the module of this "
-                    "version (callerid check shows both)", version or "unknown", VERSION,
-                    peer.pid)
+                    "version (callerid check shows both)", version, VERSION, peer.pid)
 
     def _ack(self, conn, peer):
         """The client's acknowledgement of ``enter=`` (wire.parse_ack's value), or NO_ACK."""
