@@ -9,8 +9,8 @@
 #   bash packaging/rpm/build.sh [OUTDIR]          (default OUTDIR: build/rpm in the checkout)
 #   CALLERID_VERSION=0.1.1 bash packaging/rpm/build.sh
 #
-# Prints the path of the .rpm on stdout.  The source tarball is the checkout's tracked files
-# as they are now (git ls-files).
+# Prints the path of the .rpm on stdout.  The source tarball is the checkout's files as they
+# are now.
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")/../.." && pwd)
 OUTDIR=${1:-$HERE/build/rpm}
@@ -23,9 +23,17 @@ command -v rpmbuild >/dev/null || die "rpmbuild not found (Debian: apt-get insta
 TOP=$(mktemp -d /tmp/callerid-rpm.XXXXXX)
 trap 'rm -rf "$TOP"' EXIT
 mkdir -p "$TOP/SOURCES"
-(cd "$HERE" && git ls-files -z | tar czf "$TOP/SOURCES/slurm-callerid-$VERSION.tar.gz" \
-    --null -T - --transform "s,^,slurm-callerid-$VERSION/,") \
-    || die "cannot make the source tarball (is $HERE a git checkout?)"
+# the source tarball's files: git's tracked ones, or (not a git checkout) the tree without
+# build products
+sources() {
+    if git -C "$HERE" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git -C "$HERE" ls-files -z
+    else
+        find . \( -path ./build -o -path ./.git -o -name __pycache__ \) -prune -o -type f -printf '%P\0'
+    fi
+}
+(cd "$HERE" && sources | tar czf "$TOP/SOURCES/slurm-callerid-$VERSION.tar.gz" --null -T - \
+    --transform "s,^,slurm-callerid-$VERSION/,") || die "cannot make the source tarball"
 nodeps=--nodeps
 [ -e /etc/redhat-release ] && nodeps=
 rpmbuild -bb $nodeps --define "_topdir $TOP" --define "cid_version $VERSION" \

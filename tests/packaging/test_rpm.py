@@ -16,7 +16,7 @@ from daemon.version import VERSION
 from pam_callerid.check import module_version
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOLS = ("rpmbuild", "rpm2archive", "rpm", "dpkg-deb", "gcc", "readelf", "git")
+TOOLS = ("rpmbuild", "rpm2archive", "rpm", "dpkg-deb", "gcc", "readelf")
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
                                 reason="needs " + ", ".join(TOOLS))
 LIBDIR = "/usr/lib/slurm-callerid/"
