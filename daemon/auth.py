@@ -46,7 +46,7 @@ class AuthUnavailable(AuthError):
 
 
 def _label(ftype: int) -> bytes:
-    return LABEL_REQUEST if ftype == P.TYPE_REQUEST else LABEL_REPLY
+    return LABEL_REQUEST if ftype in P.REQUEST_TYPES else LABEL_REPLY
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Frame layout (all integers big-endian)::
     offset size field
     0      4    magic  b"CLID"
     4      1    version (1)
-    5      1    type: 1 = request, 2 = reply
+    5      1    type: 1 = request, 2 = reply, 3 = requests, 4 = replies
     6      1    auth scheme: 1 = munge, 2 = hmac-sha256
     7      1    reserved, must be 0
     8      2    body length   (<= MAX_BODY)
@@ -32,6 +32,13 @@ Reply body (35 + n bytes, n <= 64)::
     job_id u32 (0 = none), job_uid u32 (0xFFFFFFFF = none),
     nonce 16 bytes (the request's), timestamp u64 (ms, daemon clock),
     node name length u8, node name (printable ASCII)
+
+Requests / replies body (a client's questions to one daemon that waited while its previous
+request was answered, sent together; the answers come back together)::
+
+    count u8 (1..MAX_BATCH), then count request bodies (62 bytes each) / reply bodies (each
+    35 + its node name length).  Every entry keeps its own nonce: the client matches answers
+    to questions by nonce, and the daemon checks each nonce for replay.
 """
 from __future__ import annotations
 
@@ -48,6 +55,11 @@ VERSION = 1
 
 TYPE_REQUEST = 1
 TYPE_REPLY = 2
+TYPE_REQUESTS = 3
+TYPE_REPLIES = 4
+TYPES = (TYPE_REQUEST, TYPE_REPLY, TYPE_REQUESTS, TYPE_REPLIES)
+REQUEST_TYPES = (TYPE_REQUEST, TYPE_REQUESTS)
+MAX_BATCH = 16
 
 AUTH_MUNGE = 1
 AUTH_HMAC = 2
@@ -77,7 +89,7 @@ REPLY_FIXED = struct.Struct(">BBII16sQB")
 MAX_NODE_NAME = 64
 NONCE_SIZE = 16
 
-MAX_BODY = 256
+MAX_BODY = 1600             # >= 1 + MAX_BATCH * (35 + MAX_NODE_NAME): the largest replies
 MAX_AUTH = 1024
 MAX_FRAME = HEADER_SIZE + MAX_BODY + MAX_AUTH
 
@@ -146,7 +158,7 @@ def signed_bytes(ftype: int, auth: int, body: bytes, version: int = VERSION) -> 
 
 
 def encode_frame(ftype: int, auth: int, body: bytes, auth_blob: bytes) -> bytes:
-    if ftype not in (TYPE_REQUEST, TYPE_REPLY):
+    if ftype not in TYPES:
         raise ValueError("bad frame type")
     if auth not in AUTH_NAMES:
         raise ValueError("bad auth scheme")
@@ -163,7 +175,7 @@ def _check_header(buf: bytes) -> tuple[int, int, int, int]:
         raise ProtocolError("bad-magic", repr(bytes(magic)))
     if version != VERSION:
         raise ProtocolError("unknown-version", str(version))
-    if ftype not in (TYPE_REQUEST, TYPE_REPLY):
+    if ftype not in TYPES:
         raise ProtocolError("bad-type", str(ftype))
     if auth not in AUTH_NAMES:
         raise ProtocolError("bad-auth-scheme", str(auth))
@@ -478,18 +490,63 @@ class Reply(_Frozen):
 
     @classmethod
     def decode_body(cls, body: bytes) -> "Reply":
-        if len(body) < REPLY_FIXED.size:
-            raise ProtocolError("bad-reply", f"body length {len(body)}")
-        status, rsv, job, uid, nonce, ts, nlen = REPLY_FIXED.unpack_from(body, 0)
+        reply, end = cls._decode_at(body, 0)
+        if end != len(body):
+            raise ProtocolError("bad-reply", "node name length")
+        return reply
+
+    @classmethod
+    def _decode_at(cls, body: bytes, off: int) -> tuple["Reply", int]:
+        """The reply body starting at `off` -> (reply, offset after it)."""
+        if len(body) - off < REPLY_FIXED.size:
+            raise ProtocolError("bad-reply", f"body length {len(body) - off}")
+        status, rsv, job, uid, nonce, ts, nlen = REPLY_FIXED.unpack_from(body, off)
         if status not in STATUS_NAMES:
             raise ProtocolError("bad-reply", f"status {status}")
         if rsv != 0:
             raise ProtocolError("bad-reply", "reserved byte")
-        if nlen > MAX_NODE_NAME or len(body) != REPLY_FIXED.size + nlen:
+        start = off + REPLY_FIXED.size
+        if nlen > MAX_NODE_NAME or len(body) < start + nlen:
             raise ProtocolError("bad-reply", "node name length")
-        raw = body[REPLY_FIXED.size:]
+        raw = body[start:start + nlen]
         if not all(0x21 <= b < 0x7F for b in raw):
             raise ProtocolError("bad-reply", "node name not printable ASCII")
         if status == STATUS_FOUND and job == NO_JOB:
             raise ProtocolError("bad-reply", "found without job id")
-        return cls(status, nonce, job, uid, raw.decode("ascii"), ts)
+        return cls(status, nonce, job, uid, raw.decode("ascii"), ts), start + nlen
+
+
+# ---------------------------------------------------------------------------------------------
+# Several requests / replies in one frame
+
+
+def encode_batch(entries) -> bytes:
+    """Requests or replies (anything with encode_body) -> a requests/replies body."""
+    if not 0 < len(entries) <= MAX_BATCH:
+        raise ValueError(f"{len(entries)} entries: 1 to {MAX_BATCH} in one frame")
+    return bytes([len(entries)]) + b"".join(e.encode_body() for e in entries)
+
+
+def _count(body: bytes, what: str) -> int:
+    if not body or not 0 < body[0] <= MAX_BATCH:
+        raise ProtocolError(f"bad-{what}", f"count {body[0] if body else 'missing'}")
+    return body[0]
+
+
+def decode_requests(body: bytes) -> list[Request]:
+    n = _count(body, "request")
+    if len(body) != 1 + n * REQUEST_SIZE:
+        raise ProtocolError("bad-request", f"body length {len(body)} for {n} requests")
+    return [Request.decode_body(body[1 + i * REQUEST_SIZE:1 + (i + 1) * REQUEST_SIZE])
+            for i in range(n)]
+
+
+def decode_replies(body: bytes) -> list[Reply]:
+    n = _count(body, "reply")
+    out, off = [], 1
+    for _ in range(n):
+        reply, off = Reply._decode_at(body, off)
+        out.append(reply)
+    if off != len(body):
+        raise ProtocolError("bad-reply", f"{len(body) - off} trailing bytes")
+    return out

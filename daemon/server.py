@@ -14,7 +14,9 @@ lookup.  Admission, in the order a connection meets it:
    of the workers' picks for connections from reserved source ports.
 4. After the credential is verified: requests of uids other than root and SlurmUser are
    rate-limited per uid (`RateLimit`/`RateBurst`); over the limit the signed answer is
-   "busy".  Replayed and stale requests are refused.
+   "busy".  Replayed and stale requests are refused.  A frame of several requests (a
+   client's questions that waited for its previous answer: daemon.coalesce) is
+   verified once; each request in it is checked, limited and answered as if it came alone.
 
 SIGHUP re-reads the configuration and the key (connections in flight are kept); SIGTERM
 and SIGINT stop after the answers in flight are written (at most 2 s).
@@ -72,16 +74,24 @@ class Handler:
         self.replay.window_ms = int(cfg.max_clock_skew * 1000)
         self.debug = log.isEnabledFor(logging.DEBUG)
 
-    def _reply(self, auth, status, nonce, job=P.NO_JOB, uid=P.NO_UID) -> bytes:
+    def _reply(self, status, nonce, job=P.NO_JOB, uid=P.NO_UID) -> P.Reply:
         self.counts[_ANSWER_KEY[status]] += 1
-        return wire.seal_reply(P.Reply(status, nonce, job, uid, self.node), auth)
+        return P.Reply(status, nonce, job, uid, self.node)
+
+    @staticmethod
+    def _seal(auth, ftype, replies) -> bytes:
+        """The answer frame to a request (one reply) or requests frame (the replies)."""
+        if ftype == P.TYPE_REQUEST:
+            return wire.seal_reply(replies[0], auth)
+        return wire.seal_replies(replies, auth)
 
     def handle(self, frame: P.Frame, peer: str, hint: bool, arrived: float):
         """-> (reply bytes or None to reset, follow-up callable or None).  The follow-up
-        (a log-only search) runs after the reply has been handed back."""
+        (a log-only search) runs after the reply has been handed back.  A requests frame
+        gets one replies frame: each request answered as if it came alone."""
         auth, counts = self.auth, self.counts
         try:
-            req, uid = wire.open_request(frame, auth)
+            reqs, uid = wire.open_requests(frame, auth)
         except P.ProtocolError as e:
             log.info("event=bad-request peer=%s reason=%s", peer, e)
             return None, None
@@ -93,37 +103,51 @@ class Handler:
             security.warning("event=security-auth-failure peer=%s reason=%s detail=%r",
                              peer, e.reason, e.detail)
             try:
-                nonce = P.Request.decode_body(frame.body).nonce
-                return self._reply(auth, P.STATUS_REFUSED, nonce), None
+                return self._seal(auth, frame.type, [self._reply(P.STATUS_REFUSED, r.nonce)
+                                                     for r in wire.requests_of(frame)]), None
             except Exception:
                 return None, None
-        why = self.replay.check_and_add(req.nonce, req.timestamp_ms)
-        if why is not None:
-            counts["replays"] += 1
-            security.warning("event=security-%s peer=%s uid=%d conn=%r", why, peer, uid, req.describe())
-            return self._reply(auth, P.STATUS_REFUSED, req.nonce), None
         privileged = uid == 0 or (self.slurm_uid is not None and uid == self.slurm_uid)
         if hint and uid != 0:
             counts["hinted-not-root"] += 1
             if counts["hinted-not-root"] % 100 == 1:
                 log.info("event=reserved-port-not-root peer=%s uid=%d total=%d",
                          peer, uid, counts["hinted-not-root"])
+        if len(reqs) > 1:
+            counts["batched"] += len(reqs)
+        replies, afters = [], []
+        for req in reqs:
+            reply, after = self._answer(req, uid, privileged, peer, hint, arrived)
+            replies.append(reply)
+            if after is not None:
+                afters.append(after)
+        follow = (lambda: [f() for f in afters]) if afters else None  # noqa: E731
+        return self._seal(auth, frame.type, replies), follow
+
+    def _answer(self, req, uid, privileged, peer, hint, arrived):
+        """One request of an authenticated frame -> (P.Reply, log-only follow-up or None)."""
+        counts = self.counts
+        why = self.replay.check_and_add(req.nonce, req.timestamp_ms)
+        if why is not None:
+            counts["replays"] += 1
+            security.warning("event=security-%s peer=%s uid=%d conn=%r", why, peer, uid, req.describe())
+            return self._reply(P.STATUS_REFUSED, req.nonce), None
         if not privileged and not self.user_rate.allow(uid):
             counts["rate-limited"] += 1
             if counts["rate-limited"] % 100 == 1:
                 log.warning("event=rate-limited uid=%d peer=%s total=%d", uid, peer,
                             counts["rate-limited"])
-            return self._reply(auth, P.STATUS_BUSY, req.nonce), None
+            return self._reply(P.STATUS_BUSY, req.nonce), None
         try:
             res = self.lookup.lookup(req, arrived)
         except Exception:  # a bug or an unexpected kernel answer: answer "error", keep serving
             log.exception("event=lookup-error peer=%s conn=%r", peer, req.describe())
-            return self._reply(auth, P.STATUS_ERROR, req.nonce), None
+            return self._reply(P.STATUS_ERROR, req.nonce), None
         if res.status == P.STATUS_FOUND and not privileged and res.job_uid != uid:
             counts["violations"] += 1
             security.warning("event=security-violation peer=%s uid=%d conn=%r job=%d job_uid=%d",
                              peer, uid, req.describe(), res.job_id, res.job_uid)
-            return self._reply(auth, P.STATUS_REFUSED, req.nonce), None
+            return self._reply(P.STATUS_REFUSED, req.nonce), None
         if uid == 0:
             counts["answers-root"] += 1
         if self.debug:
@@ -134,7 +158,7 @@ class Handler:
         after = None
         if self.log_unknown_holder and res.why == "not-in-job":
             after = lambda: self._log_holder(peer, req, res.sock)  # noqa: E731
-        return self._reply(auth, res.status, req.nonce, res.job_id, res.job_uid), after
+        return self._reply(res.status, req.nonce, res.job_id, res.job_uid), after
 
     def _log_holder(self, peer, req, sock):
         found = self.holder_scan.find(sock.inode)
@@ -605,7 +629,8 @@ class Server:
         conn-errors, accept-errors, dropped, reloads, reload-failures; answers-<status>
         (replies sent: found, unknown, refused, error, busy), answers-root (found/unknown
         for root), rate-limited (uid over RateLimit), auth-failures, replays, violations
-        (asked about another user's job), hinted-not-root.  Gauges: active (connections), pending (connections without a
+        (asked about another user's job), hinted-not-root, batched (requests that came
+        several to a frame).  Gauges: active (connections), pending (connections without a
         complete request), queued (requests waiting for a worker)."""
         own = self.own_snapshot()
         if self.helpers is None:

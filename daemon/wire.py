@@ -29,36 +29,72 @@ def seal_reply(reply: P.Reply, auth) -> bytes:
     return seal(P.TYPE_REPLY, reply.encode_body(), auth)
 
 
-def open_request(frame: P.Frame, auth) -> tuple[P.Request, int]:
-    """Decode and authenticate a request frame -> (request, sender uid).
+def seal_requests(reqs, auth) -> bytes:
+    """Several requests in one frame (one credential for all): a single one goes alone."""
+    if len(reqs) == 1:
+        return seal_request(reqs[0], auth)
+    return seal(P.TYPE_REQUESTS, P.encode_batch(reqs), auth)
+
+
+def seal_replies(replies, auth) -> bytes:
+    """The replies to a requests frame, in one frame."""
+    return seal(P.TYPE_REPLIES, P.encode_batch(replies), auth)
+
+
+def requests_of(frame: P.Frame) -> list[P.Request]:
+    """The request(s) of a request or requests frame, not authenticated (ProtocolError)."""
+    if frame.type == P.TYPE_REQUEST:
+        return [P.Request.decode_body(frame.body)]
+    if frame.type == P.TYPE_REQUESTS:
+        return P.decode_requests(frame.body)
+    raise P.ProtocolError("unexpected-type", "expected a request")
+
+
+def open_requests(frame: P.Frame, auth) -> tuple[list[P.Request], int]:
+    """Decode and authenticate a request or requests frame -> (requests, sender uid).
 
     Raises ProtocolError (malformed) or AuthError (bad/replayed credential, wrong scheme)."""
-    if frame.type != P.TYPE_REQUEST:
-        raise P.ProtocolError("unexpected-type", "expected a request")
-    req = P.Request.decode_body(frame.body)
+    reqs = requests_of(frame)
     if frame.auth != auth.scheme:
         raise AuthError("wrong-auth-scheme",
                         f"got {P.AUTH_NAMES.get(frame.auth)}, want {auth.name}")
-    uid = auth.verify(P.TYPE_REQUEST, frame.signed_bytes, frame.auth_blob)
-    return req, uid
+    uid = auth.verify(frame.type, frame.signed_bytes, frame.auth_blob)
+    return reqs, uid
 
 
-def open_reply(frame: P.Frame, auth, nonce: bytes, trusted_uids=frozenset({0})) -> P.Reply:
-    """Decode, authenticate and bind a reply to our request's nonce.  Raises ReplyRejected."""
+def open_replies(frame: P.Frame, auth, nonces, trusted_uids=frozenset({0})) -> list[P.Reply]:
+    """Decode, authenticate and bind the reply (or replies) to our requests' nonces, in their
+    order: every nonce answered once, nothing else.  Raises ReplyRejected."""
+    want = P.TYPE_REPLY if len(nonces) == 1 else P.TYPE_REPLIES
     try:
-        if frame.type != P.TYPE_REPLY:
-            raise ReplyRejected("unexpected-type", "expected a reply")
+        if frame.type != want:
+            raise ReplyRejected("unexpected-type", f"expected frame type {want}")
         if frame.auth != auth.scheme:
             raise ReplyRejected("wrong-auth-scheme",
                                 f"got {P.AUTH_NAMES.get(frame.auth)}, want {auth.name}")
-        reply = P.Reply.decode_body(frame.body)
-        uid = auth.verify(P.TYPE_REPLY, frame.signed_bytes, frame.auth_blob)
+        replies = ([P.Reply.decode_body(frame.body)] if want == P.TYPE_REPLY
+                   else P.decode_replies(frame.body))
+        uid = auth.verify(frame.type, frame.signed_bytes, frame.auth_blob)
     except P.ProtocolError as e:
         raise ReplyRejected("malformed", str(e)) from None
     except AuthError as e:
         raise ReplyRejected("bad-auth", str(e)) from None
     if uid not in trusted_uids:
         raise ReplyRejected("untrusted-sender", f"reply signed by uid {uid}")
-    if not compare_digest(reply.nonce, nonce):
+    if len(replies) != len(nonces) or not all(
+            compare_digest(r.nonce, n) for r, n in zip(replies, nonces)):
         raise ReplyRejected("wrong-nonce", "reply is not for this request")
-    return reply
+    return replies
+
+
+def open_request(frame: P.Frame, auth) -> tuple[P.Request, int]:
+    """open_requests for a frame that must hold exactly one request."""
+    if frame.type != P.TYPE_REQUEST:
+        raise P.ProtocolError("unexpected-type", "expected a request")
+    reqs, uid = open_requests(frame, auth)
+    return reqs[0], uid
+
+
+def open_reply(frame: P.Frame, auth, nonce: bytes, trusted_uids=frozenset({0})) -> P.Reply:
+    """Decode, authenticate and bind a reply to our request's nonce.  Raises ReplyRejected."""
+    return open_replies(frame, auth, [nonce], trusted_uids)[0]

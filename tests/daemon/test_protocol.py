@@ -186,6 +186,64 @@ def test_reply_wrong_nonce_forged_and_type_confusion():
         wire.open_request(P.decode_frame(bytes(raw)), AUTH)
 
 
+@given(st.lists(requests(), min_size=2, max_size=P.MAX_BATCH), st.data())
+def test_batch_round_trip_in_order(reqs, data):
+    """Requests in one frame, their replies in one frame (the largest fit MAX_FRAME), bound
+    to every nonce in order."""
+    frame = P.decode_frame(wire.seal_requests(reqs, AUTH))
+    assert frame.type == P.TYPE_REQUESTS
+    got, uid = wire.open_requests(frame, AUTH)
+    assert got == reqs and uid == 0
+    reps = [data.draw(replies()) for _ in reqs]
+    reps = [P.Reply(r.status, q.nonce, r.job_id, r.job_uid, "n" * P.MAX_NODE_NAME, r.timestamp_ms)
+            for r, q in zip(reps, reqs)]
+    raw = wire.seal_replies(reps, AUTH)
+    assert len(raw) <= P.MAX_FRAME
+    assert wire.open_replies(P.decode_frame(raw), AUTH, [q.nonce for q in reqs]) == reps
+
+
+def test_batch_bounds_and_binding():
+    reqs = [_req() for _ in range(3)]
+    assert P.decode_frame(wire.seal_requests(reqs[:1], AUTH)).type == P.TYPE_REQUEST  # one: alone
+    with pytest.raises(ValueError):
+        P.encode_batch([_req() for _ in range(P.MAX_BATCH + 1)])
+    with pytest.raises(ValueError):
+        P.encode_batch([])
+    body = P.encode_batch(reqs)
+    for bad in (bytes([0]) + body[1:], bytes([4]) + body[1:], body[:-1], body + b"x", b""):
+        with pytest.raises(P.ProtocolError):
+            P.decode_requests(bad)
+    reps = [P.Reply(P.STATUS_UNKNOWN, q.nonce, node="n1") for q in reqs]
+    frame = P.decode_frame(wire.seal_replies(reps, AUTH))
+    nonces = [q.nonce for q in reqs]
+    for wrong in (nonces[::-1], nonces[:2], nonces + [os.urandom(16)]):
+        with pytest.raises(wire.ReplyRejected) as ei:
+            wire.open_replies(frame, AUTH, wrong)
+        assert ei.value.reason in ("wrong-nonce", "unexpected-type")
+    # replies for several requests are not the reply to one of them, nor the other way round
+    with pytest.raises(wire.ReplyRejected) as ei:
+        wire.open_reply(frame, AUTH, nonces[0])
+    assert ei.value.reason == "unexpected-type"
+    one = P.decode_frame(wire.seal_reply(reps[0], AUTH))
+    with pytest.raises(wire.ReplyRejected) as ei:
+        wire.open_replies(one, AUTH, nonces)
+    assert ei.value.reason == "unexpected-type"
+    # a requests frame relabelled as replies: the MAC covers the type and the direction
+    raw = bytearray(wire.seal_requests(reqs, AUTH))
+    raw[5] = P.TYPE_REPLIES
+    with pytest.raises(wire.ReplyRejected):
+        wire.open_replies(P.decode_frame(bytes(raw)), AUTH, nonces)
+
+
+@given(st.binary(max_size=2000))
+def test_batch_garbage_never_crashes(blob):
+    for decode in (P.decode_requests, P.decode_replies):
+        try:
+            decode(blob)
+        except P.ProtocolError:
+            pass
+
+
 def test_v4_mapped_normalised():
     r = P.Request.make("::ffff:10.1.2.3", 5000, "::ffff:10.1.2.4", 22)
     assert r.family == 4 and str(r.src) == "10.1.2.3"
