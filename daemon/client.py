@@ -101,18 +101,40 @@ def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: 
     src -> dst.  Never raises for network trouble; never takes longer than `timeout` seconds
     (plus one munge round trip to the local munged for signing/verifying).  `source`: the
     local address to connect from (default: the kernel's choice)."""
-    t0 = time.monotonic()
-    try:
-        if request is None:
+    if request is not None:
+        return _ask(host, port, lambda: [request], auth, timeout, trusted_uids,
+                    reserved_port, source)[0]
+    return query_many(host, port, [(src, dst)], auth=auth, timeout=timeout, proto=proto,
+                      trusted_uids=trusted_uids, reserved_port=reserved_port, source=source)[0]
+
+
+def query_many(host: str, port: int, conns, *, auth, timeout: float = 2.0, proto: str = "tcp",
+               trusted_uids=frozenset({0}), reserved_port: bool = True,
+               source: str | None = None) -> list[Answer]:
+    """query() for several connections [(src, dst)] (at most P.MAX_BATCH) in one exchange
+    and one credential: their Answers, in order (one failure of the exchange is each one's).
+    daemon.coalesce sends a daemon's waiting questions this way."""
+    def requests():
+        out = []
+        for src, dst in conns:
             sa, sp = parse_endpoint(src)
             da, dp = parse_endpoint(dst)
-            request = P.pack_request(sa, sp, da, dp, proto)   # = Request.make, no ipaddress
-        frame = _seal(request, auth)
+            out.append(P.pack_request(sa, sp, da, dp, proto))  # = Request.make, no ipaddress
+        return out
+    return _ask(host, port, requests, auth, timeout, trusted_uids, reserved_port, source,
+                len(conns))
+
+
+def _ask(host, port, requests, auth, timeout, trusted_uids, reserved_port, source, n=1):
+    t0 = time.monotonic()
+    try:
+        reqs = requests()
+        frame = _seal(reqs, auth)
     except (ValueError, KeyError) as e:
-        return _answer(t0, LOCAL_ERROR, f"bad request: {e}")
+        return [_answer(t0, LOCAL_ERROR, f"bad request: {e}")] * n
     except Exception as e:  # AuthError / AuthUnavailable (munged unreachable here)
-        return _answer(t0, LOCAL_ERROR, f"cannot sign request: {e}")
-    return _send(host, port, request, frame, auth, t0, t0 + timeout, trusted_uids,
+        return [_answer(t0, LOCAL_ERROR, f"cannot sign request: {e}")] * n
+    return _send(host, port, reqs, frame, auth, t0, t0 + timeout, trusted_uids,
                  reserved_port, source)
 
 
@@ -131,14 +153,14 @@ def query_sealed(host: str, port: int, request, frame: bytes, *, auth, timeout: 
     """query() for a request already sealed (`frame` = wire.seal_request(request, auth)):
     the exchange alone, for callers that sign ahead of time."""
     t0 = time.monotonic()
-    return _send(host, port, request, frame, auth, t0, t0 + timeout, trusted_uids,
-                 reserved_port, source)
+    return _send(host, port, [request], frame, auth, t0, t0 + timeout, trusted_uids,
+                 reserved_port, source)[0]
 
 
-def _send(host, port, request, frame, auth, t0, deadline, trusted_uids, reserved_port,
-          source) -> Answer:
-    def done(outcome, detail="", reply=None, cacheable=False):
-        return _answer(t0, outcome, detail, reply, cacheable)
+def _send(host, port, reqs, frame, auth, t0, deadline, trusted_uids, reserved_port,
+          source) -> list[Answer]:
+    def done(outcome, detail="", cacheable=False):
+        return [_answer(t0, outcome, detail, None, cacheable)] * len(reqs)
 
     try:
         infos = _socket.getaddrinfo(_host_arg(host), port, 0, _socket.SOCK_STREAM, 0,
@@ -154,9 +176,12 @@ def _send(host, port, request, frame, auth, t0, deadline, trusted_uids, reserved
             no_daemon = no_daemon and cacheable
             continue
         try:
-            return _exchange(s, frame, request, auth, deadline, trusted_uids, done)
+            got = _exchange(s, frame, deadline)
         finally:
             s.close()
+        if isinstance(got, tuple):
+            return done(*got)
+        return _open(got, reqs, auth, trusted_uids, t0)
     return done(UNREACHABLE, last, cacheable=no_daemon)
 
 
@@ -227,43 +252,47 @@ def _host_arg(host):
     return host
 
 
-def _seal(request, auth) -> bytes:
-    from .wire import seal_request
-    return seal_request(request, auth)
+def _seal(reqs, auth) -> bytes:
+    from .wire import seal_requests
+    return seal_requests(reqs, auth)
 
 
-def _exchange(s, frame, request, auth, deadline, trusted_uids, done) -> Answer:
+def _exchange(s, frame, deadline):
+    """Send the frame, read one frame back -> the Frame, or (outcome, detail) on failure."""
     try:
         s.sendall(frame)
     except OSError as e:
-        return done(UNREACHABLE, f"send: {e.strerror or e}")
+        return UNREACHABLE, f"send: {e.strerror or e}"
     dec = P.FrameDecoder(max_frames=1)
-    got = None
-    while got is None:
+    while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return done(UNREACHABLE, "timeout waiting for reply")
+            return UNREACHABLE, "timeout waiting for reply"
         s.settimeout(remaining)
         try:
             data = s.recv(P.MAX_FRAME)
         except TimeoutError:                 # = socket.timeout
-            return done(UNREACHABLE, "timeout waiting for reply")
+            return UNREACHABLE, "timeout waiting for reply"
         except OSError as e:
-            return done(UNREACHABLE, f"recv: {e.strerror or e}")
+            return UNREACHABLE, f"recv: {e.strerror or e}"
         try:
             if not data:
                 dec.eof()
-                return done(UNREACHABLE, "connection closed without a reply")
+                return UNREACHABLE, "connection closed without a reply"
             frames = dec.feed(data)
         except P.ProtocolError as e:
-            return done(INVALID, f"malformed reply: {e}")
+            return INVALID, f"malformed reply: {e}"
         if frames:
-            got = frames[0]
-    from .wire import ReplyRejected, open_reply
+            return frames[0]
+
+
+def _open(frame, reqs, auth, trusted_uids, t0) -> list[Answer]:
+    """The reply frame to our requests -> their Answers (every one rejected together)."""
+    from .wire import ReplyRejected, open_replies
     try:
-        reply = open_reply(got, auth, request.nonce, trusted_uids)
+        replies = open_replies(frame, auth, [r.nonce for r in reqs], trusted_uids)
     except ReplyRejected as e:
-        return done(INVALID, str(e))
+        return [_answer(t0, INVALID, str(e))] * len(reqs)
     except Exception as e:  # munged unavailable while verifying
-        return done(LOCAL_ERROR, f"cannot verify reply: {e}")
-    return done(_STATUS_OUTCOME[reply.status], "", reply)
+        return [_answer(t0, LOCAL_ERROR, f"cannot verify reply: {e}")] * len(reqs)
+    return [_answer(t0, _STATUS_OUTCOME[r.status], "", r) for r in replies]

@@ -11,7 +11,8 @@ the C client, with the peer process held by a pidfd (pam_callerid/peer.py). It
    ``[priv]``) and gets ONE decision, one caller-ID query;
 3. otherwise lists the user's jobs on this node (every time: a job that started a moment ago
    is seen), asks the caller-ID daemon at the connection's source when several jobs qualify
-   (daemon.client, bounded by ``rpc_timeout``; sources with no daemon are remembered in
+   (daemon.client through daemon.coalesce: while a question to a daemon is out, the next
+   ones to it wait and go together; bounded by ``rpc_timeout``; sources with no daemon are remembered in
    memory for ``PamNegativeCacheTTL`` seconds, and only when ``Answer.cacheable`` says so),
    and runs policy.decide;
 4. adopts the process that will hold the session (the peer, or in the account phase its
@@ -34,6 +35,8 @@ import os
 import threading
 import time
 from dataclasses import replace
+
+from daemon.coalesce import Coalescer
 
 from . import policy
 from .options import parse
@@ -155,6 +158,7 @@ class Logins:
         self.negative = TTLCache(clock=clock)
         self.x11 = TTLCache(clock=clock)     # (node, job, start) -> env items: asked once
         self.queries = 0                 # caller-ID queries sent (tests, stats)
+        self.callerid = Coalescer()      # one request in flight per daemon; the rest wait
         self.pending = {}                # pid -> (Event, waits): an adoption after the reply
         #                                  (waits) or an entry being registered, not done
         self.sessions = sessions or SessionStacks()
@@ -325,7 +329,6 @@ class Logins:
             return policy.CallerId("cached", source=src,
                                    detail="no caller-ID daemon at %s port %d (cached)"
                                           % (src_ip, port))
-        from daemon import client
         try:
             auth = settings.auth()
         except Exception as e:
@@ -333,8 +336,9 @@ class Logins:
                                    % (type(e).__name__, e))
         t = time.monotonic()
         self.queries += 1
-        a = client.query(src_ip, port, (src_ip, conn.src_port), (dst_ip, conn.dst_port),
-                         auth=auth, timeout=opts.rpc_timeout, trusted_uids=cfg.reply_uids())
+        a = self.callerid.query(src_ip, port, (src_ip, conn.src_port), (dst_ip, conn.dst_port),
+                                auth=auth, timeout=opts.rpc_timeout,
+                                trusted_uids=cfg.reply_uids())
         if self.metrics is not None:
             self.metrics.callerid_query(a.outcome, time.monotonic() - t)
         if a.cacheable and cfg.pam_negative_cache_ttl > 0:

@@ -130,6 +130,31 @@ def test_reply_with_wrong_nonce_rejected():
         fs.close()
 
 
+def test_batch_answered_out_of_order_or_partly_is_rejected_whole():
+    """query_many: the replies must answer every request, in order; anything else is no
+    answer for any of them (a forged or confused daemon)."""
+    auth = HmacAuth(KEY)
+    conns = [(("127.0.0.1", 40000 + i), ("127.0.0.1", 22)) for i in range(3)]
+
+    def answer(how):
+        def respond(frame):
+            reqs, _ = wire.open_requests(frame, auth)
+            reps = [P.Reply(P.STATUS_FOUND, r.nonce, 7, 0, "x") for r in reqs]
+            return wire.seal_replies(how(reps), auth)
+        return respond
+    for how, ok in ((lambda r: r, True), (lambda r: r[::-1], False), (lambda r: r[:2], False)):
+        fs = FakeServer(answer(how))
+        try:
+            got = C.query_many("127.0.0.1", fs.port, conns, auth=auth, timeout=3.0)
+        finally:
+            fs.close()
+        assert len(got) == 3
+        if ok:
+            assert all(a.outcome == C.FOUND and a.job_id == 7 for a in got), got
+        else:
+            assert all(a.outcome == C.INVALID and "wrong-nonce" in a.detail for a in got), got
+
+
 def test_unauthenticated_garbage_reply_rejected():
     auth = HmacAuth(KEY)
     fs = FakeServer(lambda f: b"HTTP/1.0 200 OK\r\n\r\njob 666\n")
