@@ -4,7 +4,7 @@
 
     /opt/slurm-callerid/bin/python bench/bench_daemon_fanout.py [--queries 1000,10000]
         [--sources 1000] [--window 0.5] [--auth munge,hmac] [--deadline 1.0]
-        [--processes 1] [--spare-cpu]
+        [--client alone,coalesced] [--processes 1] [--spare-cpu]
 
 The launcher: a synthetic job (cgroup v2 layout) with --procs processes ("ssh" clients), which
 between them hold one loopback TCP connection per query.  The askers: --gens generator
@@ -13,7 +13,10 @@ a reserved port (root's client), signed and its socket bound before the window, 
 and sent on a fixed schedule spread evenly over --window seconds, the reply read without
 blocking (selectors), and verified after the window (signature, nonce, the right job).
 Latency = reply received - *scheduled* send: an asker that falls behind its schedule counts
-against the daemon (the send lag is reported).
+against the daemon (the send lag is reported).  --client: each source address asks every
+question in a request of its own ("alone"), or as the PAM service does ("coalesced",
+daemon/coalesce.py: one request in flight per daemon, the questions that came meanwhile go
+together when it returns; a request is then signed as it leaves).
 
 Where the CPU goes.  This VM has 2 cores.  The askers stand for 1,000 other machines, but
 they have to run here: they cost ~100 µs of CPU per query (mostly the kernel's TCP, both
@@ -72,7 +75,10 @@ def _bound_socket(ip, used: set):
 
 
 def generator(args):
-    """Child: the queries assigned to it -> JSON {lat, lag, replies(hex), errors, cpu}."""
+    """Child: the queries assigned to it -> JSON {lat, lag, replies: {first k: hex}, groups:
+    {first k: [k...]}, errors, nonces, cpu}.  With --coalesce each source address behaves
+    as a node's PAM service does (daemon.coalesce): one request in flight; questions that
+    come meanwhile go together (at most MAX_BATCH) when it returns."""
     import resource
     from daemon import client as C, protocol as P, wire
     from daemon.config import load_config
@@ -85,26 +91,47 @@ def generator(args):
         sa, sp = C.parse_endpoint(src)
         da, dp = C.parse_endpoint(dst)
         req = P.pack_request(sa, sp, da, dp, "tcp")
-        prepared.append((k, ip, req.nonce, wire.seal_request(req, auth), _bound_socket(ip, used)))
+        # signed now when each goes alone (as before the window); when coalescing, a
+        # request is signed as it leaves (its questions are known only then)
+        frame = None if args.coalesce else wire.seal_request(req, auth)
+        prepared.append((k, ip, req, frame, _bound_socket(ip, used)))
     sel = selectors.DefaultSelector()
     t0 = args.t0
     period = args.window / args.total
-    lat, lag, replies, errors = {}, {}, {}, {}
-    pending = {}
+    lat, lag, replies, groups, errors = {}, {}, {}, {}, {}
+    pending, busy, waiting = {}, set(), {}
     i = 0
     end = t0 + args.window + args.deadline + 2.0
 
-    def start(k, s, frame):
+    def send(ip, items):
+        """items: [(k, req, frame, sock)], sent in one request from the first one's socket."""
+        s = items[0][3]
+        for *_, other in items[1:]:
+            if other is not None:
+                other.close()
+        ks = [k for k, *_ in items]
         if s is None:
-            errors[k] = "no reserved port free"
-            return
+            for k in ks:
+                errors[k] = "no reserved port free"
+            return after(ip)
+        frame = items[0][2] or wire.seal_requests([r for _, r, _, _ in items], auth)
         err = s.connect_ex(("127.0.0.1", args.port))
         if err not in (0, errno.EINPROGRESS):
-            errors[k] = os.strerror(err)
+            for k in ks:
+                errors[k] = os.strerror(err)
             s.close()
-            return
-        pending[s] = [k, frame, b"", P.FrameDecoder(max_frames=1)]
+            return after(ip)
+        busy.add(ip)
+        pending[s] = [ks, frame, ip, P.FrameDecoder(max_frames=1)]
         sel.register(s, selectors.EVENT_WRITE)
+
+    def after(ip):
+        """The request from `ip` returned: the questions that waited go now."""
+        busy.discard(ip)
+        queue = waiting.get(ip)
+        if queue:
+            batch, waiting[ip] = queue[:P.MAX_BATCH], queue[P.MAX_BATCH:]
+            send(ip, batch)
 
     while time.time() < t0:
         time.sleep(min(0.01, max(0.0, t0 - time.time())))
@@ -112,45 +139,57 @@ def generator(args):
     while time.time() < end and (i < len(prepared) or pending):
         now = time.time()
         while i < len(prepared) and t0 + prepared[i][0] * period <= now:
-            k, _, _, frame, s = prepared[i]
+            k, ip, req, frame, s = prepared[i]
             lag[k] = (time.time() - (t0 + k * period)) * 1e3
-            start(k, s, frame)
+            if args.coalesce and ip in busy:
+                waiting.setdefault(ip, []).append((k, req, frame, s))
+            else:
+                send(ip, [(k, req, frame, s)])
             i += 1
         nxt = t0 + prepared[i][0] * period if i < len(prepared) else end
         for key, ev in sel.select(max(0.0, min(nxt - time.time(), 0.05))):
             s = key.fileobj
-            st = pending[s]
-            k = st[0]
+            ks, frame, ip, dec = pending[s]
             try:
                 if ev & selectors.EVENT_WRITE:
-                    s.send(st[1])
+                    s.send(frame)
                     sel.modify(s, selectors.EVENT_READ)
                     continue
-                data = s.recv(4096)
+                data = s.recv(P.MAX_FRAME)
                 if not data:
                     raise ConnectionError("closed without a reply")
-                frames = st[3].feed(data)
+                frames = dec.feed(data)
                 if not frames:
                     continue
-                lat[k] = (time.time() - (t0 + k * period)) * 1e3
-                replies[k] = (P.encode_frame(frames[0].type, frames[0].auth, frames[0].body,
-                                             frames[0].auth_blob)).hex()
+                got = time.time()
+                for k in ks:
+                    lat[k] = (got - (t0 + k * period)) * 1e3
+                f = frames[0]
+                replies[ks[0]] = P.encode_frame(f.type, f.auth, f.body, f.auth_blob).hex()
+                groups[ks[0]] = ks
             except (OSError, ConnectionError, P.ProtocolError) as e:
-                errors[k] = str(e)
+                for k in ks:
+                    errors[k] = str(e)
             sel.unregister(s)
             s.close()
             del pending[s]
+            after(ip)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     for s, st in pending.items():
-        errors[st[0]] = "no reply by the end"
+        for k in st[0]:
+            errors[k] = "no reply by the end"
         s.close()
+    for queue in waiting.values():
+        for k, *_ in queue:
+            errors.setdefault(k, "no reply by the end")
     for *_, s in prepared[i:]:
         if s is not None:
             s.close()
-    nonces = {k: n.hex() for k, _, n, _, _ in prepared}
+    nonces = {k: r.nonce.hex() for k, _, r, _, _ in prepared}
     cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
     Path(args.out).write_text(json.dumps({"lat": lat, "lag": lag, "replies": replies,
-                                          "errors": errors, "nonces": nonces, "cpu": cpu}))
+                                          "groups": groups, "errors": errors, "nonces": nonces,
+                                          "cpu": cpu}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,11 +253,11 @@ def to_spare_cpu(pid: int):
         os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
 
 
-def one_run(run, args, auth_name, nq, msock, csock, key, launcher):
+def one_run(run, args, auth_name, nq, msock, csock, key, launcher, client):
     conf = (f"AuthType={auth_name}\nMungeSocket={msock}\nKeyFile={key}\nCgroupRoots={run.cgroot}\n"
             f"RateLimit=1000000\nRateBurst=1000000\nProcesses={args.processes}\n"
             + "".join(f"{kv}\n" for kv in args.set))
-    d, port, cfg = run.daemon(conf, cpu="0", name=f"fan-{auth_name}-{nq}", nice=args.nice)
+    d, port, cfg = run.daemon(conf, cpu="0", name=f"fan-{auth_name}-{nq}-{client}", nice=args.nice)
     pids = wait_helpers(d.pid, args.processes)
     if args.spare_cpu:
         for pid in pids[1:]:
@@ -228,7 +267,7 @@ def one_run(run, args, auth_name, nq, msock, csock, key, launcher):
     ips = source_ips(args.sources)
     queries = [(k, ips[k % len(ips)], *launcher[k]) for k in range(nq)]
     plan = [queries[g::args.gens] for g in range(args.gens)]
-    plan_file = run.base / f"plan-{auth_name}-{nq}.json"
+    plan_file = run.base / f"plan-{auth_name}-{nq}-{client}.json"
     plan_file.write_text(json.dumps(plan))
     rss = lambda: sum(rss_mb(p) for p in pids)     # noqa: E731
     rss0 = rss()
@@ -238,7 +277,8 @@ def one_run(run, args, auth_name, nq, msock, csock, key, launcher):
     gens = [run.start(["taskset", "-c", "1", PY, __file__, "--gen", "--config", str(ccfg),
                        "--plan", str(plan_file), "--index", str(g), "--port", str(port),
                        "--t0", repr(t0), "--total", str(nq), "--window", str(args.window),
-                       "--deadline", str(args.deadline), "--out", str(plan_file) + f".{g}"])
+                       "--deadline", str(args.deadline), "--out", str(plan_file) + f".{g}"]
+                      + (["--coalesce"] if client == "coalesced" else []))
             for g in range(args.gens)]
     load = None
     peak = rss0
@@ -256,28 +296,29 @@ def one_run(run, args, auth_name, nq, msock, csock, key, launcher):
     from daemon import client as C, protocol as P, wire
     from daemon.config import load_config
     auth = C.auth_from_config(load_config(str(ccfg)))
-    lat, right, errors = [], 0, {}
+    lat, right, errors, requests = [], 0, {}, 0
     for r in res:
-        for k, hx in r["replies"].items():
-            rep = None
+        for first, hx in r["replies"].items():
+            ks = [str(k) for k in r["groups"][first]]
+            requests += 1
+            reps = [None] * len(ks)
             try:
-                rep = wire.open_reply(P.decode_frame(bytes.fromhex(hx)), auth,
-                                      bytes.fromhex(r["nonces"][k]))
-                ok = rep.status == P.STATUS_FOUND and rep.job_id == JOB
+                reps = wire.open_replies(P.decode_frame(bytes.fromhex(hx)), auth,
+                                         [bytes.fromhex(r["nonces"][k]) for k in ks])
             except Exception as e:
-                ok = False
-                errors[f"rejected: {e}"] = errors.get(f"rejected: {e}", 0) + 1
-            if ok:
-                right += 1
-            elif rep is not None:
-                errors[P.STATUS_NAMES.get(rep.status)] = errors.get(P.STATUS_NAMES.get(rep.status), 0) + 1
-            lat.append(r["lat"][k])
+                errors[f"rejected: {e}"] = errors.get(f"rejected: {e}", 0) + len(ks)
+            for k, rep in zip(ks, reps):
+                if rep is not None and rep.status == P.STATUS_FOUND and rep.job_id == JOB:
+                    right += 1
+                elif rep is not None:
+                    errors[P.STATUS_NAMES.get(rep.status)] = errors.get(P.STATUS_NAMES.get(rep.status), 0) + 1
+                lat.append(r["lat"][k])
         for k, e in r["errors"].items():
             errors[e] = errors.get(e, 0) + 1
     late = sum(1 for x in lat if x >= args.deadline * 1e3)
     lag = [x for r in res for x in r["lag"].values()]
     answered = max(1, len(lat))
-    return dict(auth=auth_name, n=nq, right=right, late=late, errors=errors, p50=pct(lat, 0.5),
+    return dict(auth=auth_name, n=nq, client=client, right=right, requests=requests, late=late, errors=errors, p50=pct(lat, 0.5),
                 p99=pct(lat, 0.99), max=max(lat) if lat else float("nan"), rss0=rss0, peak=peak,
                 load=load, lag99=pct(lag, 0.99), lagmax=max(lag) if lag else float("nan"),
                 us_daemon=cpu_d / answered * 1e6, us_munged=cpu_m / answered * 1e6,
@@ -299,7 +340,11 @@ def main():
                     help="another line of the daemon's config (e.g. Workers=2)")
     ap.add_argument("--spare-cpu", action="store_true",
                     help="helpers on the askers' CPU at SCHED_IDLE (see the docstring)")
+    ap.add_argument("--client", default="alone,coalesced",
+                    help="how each source asks: every question alone (a client that does not "
+                         "coalesce), or coalesced as the PAM service does (daemon.coalesce)")
     ap.add_argument("--gen", action="store_true")
+    ap.add_argument("--coalesce", action="store_true")
     ap.add_argument("--config")
     ap.add_argument("--plan")
     ap.add_argument("--index", type=int)
@@ -328,9 +373,11 @@ def main():
               file=sys.stderr, flush=True)
         for auth_name in args.auth.split(","):
             for nq in sizes:
-                r = one_run(run, args, auth_name, nq, msock, csock, key, launcher)
-                rows.append(r)
-                print(f"  {auth_name} {nq}: done (load {r['load']})", file=sys.stderr, flush=True)
+                for client in args.client.split(","):
+                    r = one_run(run, args, auth_name, nq, msock, csock, key, launcher, client)
+                    rows.append(r)
+                    print(f"  {auth_name} {nq} {client}: done (load {r['load']})",
+                          file=sys.stderr, flush=True)
         for s in servers:
             s.close()
     print()
@@ -341,10 +388,12 @@ def main():
           f"(reserved ports), each about a different connection of one job ({args.procs} processes); "
           f"{where}")
     print(f"[target: 100 % answered correctly, max latency < rpc_timeout ({args.deadline:g} s)]")
-    print_table(["auth", "queries", "answered right", "late", "p50 ms", "p99 ms", "max ms",
+    print_table(["auth", "queries", "client", "requests", "answered right", "late", "p50 ms",
+                 "p99 ms", "max ms",
                  "RSS MB idle/peak", "CPU µs/answer daemon+munged", "askers µs/q",
                  "send lag p99/max ms", "load"],
-                [([r["auth"], str(r["n"]), f"{r['right']} ({100 * r['right'] / r['n']:.1f}%)",
+                [([r["auth"], str(r["n"]), r["client"], str(r["requests"]),
+                   f"{r['right']} ({100 * r['right'] / r['n']:.1f}%)",
                    str(r["late"]), f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{r['max']:.1f}",
                    f"{r['rss0']:.1f}/{r['peak']:.1f}", f"{r['us_daemon']:.0f} + {r['us_munged']:.0f}",
                    f"{r['us_askers']:.0f}", f"{r['lag99']:.1f}/{r['lagmax']:.1f}", str(r["load"])],
