@@ -85,16 +85,14 @@ class Coalescer:
 
     def _wait(self, key, peer, batch, index, host, port, t0, deadline, kw):
         with self._cond:
-            while batch.answers is None:
-                if batch.turn and not batch.claimed:
-                    batch.claimed = True
-                    break
+            while batch.answers is None and (batch.claimed or not batch.turn):
                 left = deadline - self._clock()
                 if left <= 0:
                     return self._leave(key, peer, batch, index, t0)
                 self._cond.wait(left)
-            else:
+            if batch.answers is not None:            # another member sent it
                 return _since(batch.answers.get(index), t0, self._clock())
+            batch.claimed = True                     # its turn came: this member sends it
             live = [(i, m) for i, m in enumerate(batch.members) if m is not None]
         answers = {}
         try:

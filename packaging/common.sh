@@ -6,6 +6,7 @@
 callerid_version() {
     local v=${CALLERID_VERSION:-}
     [ -n "$v" ] || v=$(sed -n 's/^VERSION = "\([^"]*\)"$/\1/p' "$HERE/daemon/version.py")
+    # the characters pam_callerid/build.py's VERSION_CHARS accepts (it checks again)
     case "$v" in *[!0-9A-Za-z.+~]*|"") echo "bad version '$v'" >&2; return 1 ;; esac
     echo "$v"
 }

@@ -25,7 +25,7 @@ CFLAGS = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2", "-fPIC", "-shared"
           "-fvisibility=hidden", "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong"]
 LDFLAGS = ["-Wl,-z,relro", "-Wl,-z,now", "-Wl,--as-needed"]
 LIBS = ["-lpam"]
-VERSION_CHARS = re.compile(r"[0-9A-Za-z.+~]+\Z")    # as packaging/deb/build.sh accepts
+VERSION_CHARS = re.compile(r"[0-9A-Za-z.+~]+\Z")    # = packaging/common.sh's callerid_version
 
 
 class BuildError(Exception):

@@ -12,9 +12,9 @@ the C client, with the peer process held by a pidfd (pam_callerid/peer.py). It
 3. otherwise lists the user's jobs on this node (every time: a job that started a moment ago
    is seen), asks the caller-ID daemon at the connection's source when several jobs qualify
    (daemon.client through daemon.coalesce: while a question to a daemon is out, the next
-   ones to it wait and go together; bounded by ``rpc_timeout``; sources with no daemon are remembered in
-   memory for ``PamNegativeCacheTTL`` seconds, and only when ``Answer.cacheable`` says so),
-   and runs policy.decide;
+   ones to it wait and go together; bounded by ``rpc_timeout``; sources with no daemon are
+   remembered in memory for ``PamNegativeCacheTTL`` seconds, and only when
+   ``Answer.cacheable`` says so), and runs policy.decide;
 4. adopts the process that will hold the session (the peer, or in the account phase its
    ``[priv]`` parent when the peer is the ``[pam]`` child) with ``cgroups.adopt`` -- the
    pidfd is checked before and after, so a pid that was recycled is never adopted -- and
