@@ -4,6 +4,7 @@ baseline revision) started pinned to a CPU, percentiles, CPU and RSS readings.  
 started is recorded in a `Run` and killed by pid / removed at its end (also on Ctrl-C)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -121,6 +122,17 @@ class Run:
     def job_cgroup(self, job: int) -> Path:
         leaf = self.cgroot / "system.slice" / "cidb_slurmstepd.scope" / f"job_{job}" / "step_extern" / "user" / "task_special"
         return mkdir_chain(leaf, Path(UNIFIED), self.cgdirs)
+
+    @contextlib.contextmanager
+    def inside(self, leaf: Path):
+        """Run the block with this process in cgroup `leaf` (sockets made meanwhile are
+        made in it, as an ssh started in a job step makes its connection), then move back."""
+        own = [ln[3:] for ln in open("/proc/self/cgroup").read().splitlines() if ln.startswith("0::")][0]
+        (leaf / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            yield
+        finally:
+            (Path(UNIFIED + own.rstrip("/")) / "cgroup.procs").write_text(str(os.getpid()))
 
     def spawn_holder(self, socks) -> int:
         """Fork a `sleep` that inherits the given sockets (and holds them)."""

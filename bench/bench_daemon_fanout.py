@@ -7,7 +7,8 @@
         [--client alone,coalesced] [--processes 1] [--spare-cpu]
 
 The launcher: a synthetic job (cgroup v2 layout) with --procs processes ("ssh" clients), which
-between them hold one loopback TCP connection per query.  The askers: --gens generator
+between them hold one loopback TCP connection per query, made in the job's cgroup as an ssh
+started in a job step makes its own.  The askers: --gens generator
 processes (pinned to CPU 1) on --sources distinct source addresses 127.1.x.y, each query from
 a reserved port (root's client), signed and its socket bound before the window, connected
 and sent on a fixed schedule spread evenly over --window seconds, the reply read without
@@ -201,8 +202,8 @@ def source_ips(n):
 
 
 def make_launcher(run: Run, nconn: int, nprocs: int):
-    """nconn loopback connections whose client ends are held by nprocs processes in job
-    JOB; the server ends stay with this process.  -> [(src, dst)]."""
+    """nconn loopback connections whose client ends are made in job JOB's cgroup and held by
+    nprocs processes in it; the server ends stay with this process.  -> [(src, dst)]."""
     lst = socket.socket()
     lst.bind(("127.0.0.1", 0))
     lst.listen(4096)
@@ -212,12 +213,13 @@ def make_launcher(run: Run, nconn: int, nprocs: int):
     made = 0
     while made < nconn:
         batch = []
-        for _ in range(min(per, nconn - made)):
-            c = socket.create_connection(lst.getsockname())
-            s, _ = lst.accept()
-            out.append(("%s:%d" % c.getsockname(), "%s:%d" % c.getpeername()))
-            batch.append(c)
-            servers.append(s)
+        with run.inside(leaf):          # the launcher's ssh processes make their connections
+            for _ in range(min(per, nconn - made)):
+                c = socket.create_connection(lst.getsockname())
+                s, _ = lst.accept()
+                out.append(("%s:%d" % c.getsockname(), "%s:%d" % c.getpeername()))
+                batch.append(c)
+                servers.append(s)
         pid = run.spawn_holder(batch)
         (leaf / "cgroup.procs").write_text(str(pid))
         for c in batch:

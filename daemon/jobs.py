@@ -4,6 +4,7 @@ Interface used by daemon.lookup (any object with these two methods works; unit t
 
     job_pids() -> iterable of int        pids in Slurm job cgroups now (job dirs listed afresh)
     job_of_pid(pid) -> (job_id, job_uid) | None
+    job_cgroup_ids() -> {cgroup id: job_id}   the job dirs on cgroup2 (listed afresh)
 
 pid -> job goes through the project's `cgroups.job_of_pid` (every Slurm layout: v1
 `slurm[_<node>]/uid_<U>/job_<J>/...`, v2 `[<node>_]slurmstepd.scope/job_<J>/...`).  The owner is `uid_<U>` of v1 paths, else the process's
@@ -72,6 +73,23 @@ class CgroupJobs:
         for d in self._scan_dirs():
             yield from _cg._read_pids(f"{d}/cgroup.procs")
 
+    def job_cgroup_ids(self) -> dict[int, int]:
+        """cgroup id -> job id for every directory at or below a job directory on a cgroup2
+        file system.  A cgroup2 directory's inode number is its cgroup id, what the kernel
+        reports as the cgroup of a socket's maker (daemon.lookup.JobCgroups).  Directories
+        of cgroup v1 hierarchies are left out: their inode numbers are not cgroup2 ids."""
+        mounts = _cgroup2_mounts()
+        out = {}
+        for d in self._scan_dirs():
+            job = _job_in_path(d)
+            if job is None or not any(d.startswith(m) for m in mounts):
+                continue
+            try:
+                out[os.stat(d).st_ino] = job
+            except OSError:            # removed meanwhile
+                continue
+        return out
+
     # -- pid -> job -----------------------------------------------------------------------------
     def job_of_pid(self, pid: int):
         try:
@@ -82,6 +100,28 @@ class CgroupJobs:
             return None            # not in a job, or a SLUID-named job dir (Slurm 26.05+)
         uid = ref.uid if ref.uid is not None else _cg.real_uid(pid, self.proc)
         return (ref.job_id, uid) if uid is not None else None
+
+
+def _job_in_path(path: str) -> int | None:
+    """N of the path's job_<N> component (None for a SLUID-named job dir)."""
+    for part in path.split("/"):
+        m = _JOBDIR_RE.match(part)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _cgroup2_mounts() -> list[str]:
+    """Mount points of cgroup2 file systems, each ending in "/" (from /proc/self/mountinfo:
+    mount point is field 5, the file system type follows the " - " separator)."""
+    data = _cg.read_small("/proc/self/mountinfo", 1 << 20) or b""
+    out = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if sep and len(fields) > 4 and tail.split(" ", 1)[0] == "cgroup2":
+            out.append(fields[4].rstrip("/") + "/")
+    return out
 
 
 class LayoutJobs(CgroupJobs):

@@ -7,13 +7,19 @@ remote end is the request's destination.
 1. socket: NETLINK_SOCK_DIAG exact-tuple lookup (no dump; the kernel hashes straight to the
    socket), falling back to parsing /proc/net/{tcp,udp}{,6}.  IPv4 tuples are also tried as
    IPv4-mapped IPv6 (a dual-stack AF_INET6 socket talking IPv4).
-2. pid holding the inode: `JobSockets`, an index socket inode -> (pid, fd) over the processes
-   of Slurm jobs only.  A socket held by no process of a job is not in a job: "unknown"
-   costs one pass over the job processes' fds, never a scan of every process.  The index
-   is rebuilt only on a miss, and one rebuild serves every question waiting for it
-   (concurrent misses wait for the same pass and look in its index first).  Processes vanishing mid-scan are
-   skipped.
-3. pid -> job through daemon.jobs (cgroups/ package).
+2. the socket's cgroup: the kernel's answer in step 1 carries the cgroup v2 id of the
+   process that made the socket (INET_DIAG_CGROUP_ID).  `JobCgroups` indexes the ids of the
+   job directories on cgroup2 file systems: a socket made inside a job (an `ssh` started in
+   a job step, as launchers do) is that job's, with no per-process work at all.  The job's
+   owner is then the socket's uid (the uid of the process that made it).
+3. otherwise the pid holding the inode: `JobSockets`, an index socket inode -> (pid, fd) over
+   the processes of Slurm jobs only (a socket made outside a job and handed to a job
+   process; cgroup v1 layouts, whose ids the socket does not carry).  A socket held by no
+   process of a job is not in a job: "unknown" costs one pass over the job processes' fds,
+   never a scan of every process.  The index is rebuilt only on a miss, and one rebuild
+   serves every question waiting for it (concurrent misses wait for the same pass and look
+   in its index first).  Processes vanishing mid-scan are skipped.  pid -> job through
+   daemon.jobs (cgroups/ package).
 
 `LogUnknownHolder=yes` adds, for the log only and after the reply, a search of the holder
 of an "unknown" socket among every process, bounded in time and frequency (HolderScan).
@@ -42,6 +48,8 @@ TCPF_ALL = 0xFFF
 TCP_LISTEN = 10
 TCP_TIME_WAIT = 6
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+INET_DIAG_CGROUP_ID = 21      # u64 attribute of every answer since Linux 5.9 (linux/inet_diag.h)
+INET_DIAG_MSG_SIZE = 72       # struct inet_diag_msg; the attributes follow it
 
 _NLH = struct.Struct("=IHHII")
 _REQ_HEAD = struct.Struct("=BBBBI")
@@ -49,6 +57,8 @@ _ID_PORTS = struct.Struct(">HH")
 _ID_TAIL = struct.Struct("=III")
 _MSG_HEAD = struct.Struct("=BBBB")
 _MSG_TAIL = struct.Struct("=IIIII")  # expires rqueue wqueue uid inode
+_ATTR = struct.Struct("=HH")          # struct rtattr: length (header included), type
+_U64 = struct.Struct("=Q")
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class SockInfo:
     uid: int
     family: int  # 4 or 6 (the socket's own family)
     via: str     # "sockdiag", "pyroute2" or "procnet"
+    cgroup_id: int = 0   # cgroup v2 id of the process that made the socket (0: not known)
 
 
 def _v6(ip) -> bytes:
@@ -148,7 +159,7 @@ class SockDiag:
             if err in (0, errno.ENOENT):
                 return None
             raise OSError(err, os.strerror(err))
-        if typ != SOCK_DIAG_BY_FAMILY or ln < _NLH.size + 72:
+        if typ != SOCK_DIAG_BY_FAMILY or ln < _NLH.size + INET_DIAG_MSG_SIZE:
             return None
         off = _NLH.size
         rfam, state, _, _ = _MSG_HEAD.unpack_from(data, off)
@@ -156,7 +167,7 @@ class SockDiag:
         src = data[off + 8:off + 24]
         dst = data[off + 24:off + 40]
         _, _, _, uid, inode = _MSG_TAIL.unpack_from(data, off + 52)
-        return state, sport, dport, src, dst, uid, inode
+        return state, sport, dport, src, dst, uid, inode, _cgroup_id(data, off + 72, min(ln, len(data)))
 
     def find(self, proto: int, src, sport: int, dst, dport: int) -> SockInfo | None:
         for fam, lb, rb in _candidates(src, dst):
@@ -173,7 +184,7 @@ class SockDiag:
                 raise
             if r is None:
                 continue
-            state, rs, rd, rsrc, rdst, uid, inode = r
+            state, rs, rd, rsrc, rdst, uid, inode, cgroup_id = r
             n = 4 if fam == 4 else 16
             if inode == 0 or (proto == P.PROTO_TCP and state in (TCP_LISTEN, TCP_TIME_WAIT)):
                 continue
@@ -183,8 +194,20 @@ class SockDiag:
             if rd != dport or rdst[:n] != rb[:n]:
                 if not (proto == P.PROTO_UDP and rd == 0 and not any(rdst[:n])):
                     continue
-            return SockInfo(inode, uid, fam, self.via)
+            return SockInfo(inode, uid, fam, self.via, cgroup_id)
         return None
+
+
+def _cgroup_id(data: bytes, off: int, end: int) -> int:
+    """The INET_DIAG_CGROUP_ID attribute among those in data[off:end], or 0."""
+    while off + _ATTR.size <= end:
+        alen, atype = _ATTR.unpack_from(data, off)
+        if alen < _ATTR.size or off + alen > end:
+            return 0
+        if atype == INET_DIAG_CGROUP_ID and alen >= _ATTR.size + _U64.size:
+            return _U64.unpack_from(data, off + _ATTR.size)[0]
+        off += (alen + 3) & ~3
+    return 0
 
 
 class Pyroute2Diag:
@@ -319,31 +342,72 @@ def socket_fds(pid: int, proc: str = "/proc"):
             yield int(link[8:-1]), int(name)
 
 
-class JobSockets:
+class _PassIndex:
+    """A map built by passes over the node's jobs, one pass at a time.
+
+    A miss is authoritative when the map was built by a pass that *started after the
+    question arrived*: the connection existed before the peer asked, so what the pass looks
+    for (the job process holding its socket, the job cgroup it was made in) would have been
+    seen.  Otherwise a question waits for the pass running and looks in its map; only if
+    that pass started before the question arrived and missed it is a new pass made, which
+    then serves every question waiting.  (A fan-out's thousand questions arriving during
+    the first pass are all answered from it.)  Subclasses: `_scan()` -> the new map,
+    `_check(key)` -> the answer from the current map or None."""
+
+    def __init__(self, jobs, clock=time.monotonic):
+        self.jobs = jobs
+        self.clock = clock
+        self._map: dict = {}
+        self._built_from = float("-inf")     # start time of the pass that built _map
+        self._running: float | None = None    # start time of the pass in progress
+        self._cond = threading.Condition()
+        self.passes = 0
+
+    def _find(self, key, arrived: float):
+        """The answer for `key` in a map built after `arrived`, or by then, or None."""
+        while True:
+            found = self._check(key)
+            if found is not None or self._built_from >= arrived:
+                return found
+            self._next_pass()
+
+    def _next_pass(self):
+        """Make a pass, or wait for the one running to end (its map may hold the answer
+        even though it started before the question arrived: _find checks it first)."""
+        with self._cond:
+            if self._running is not None:
+                self._cond.wait()
+                return
+            self._running = start = self.clock()
+        m = None
+        try:
+            m = self._scan()
+        finally:                   # a failed pass wakes the waiters; one of them tries again
+            with self._cond:
+                if m is not None:
+                    self._map, self._built_from = m, start
+                    self.passes += 1
+                    self._installed()
+                self._running = None
+                self._cond.notify_all()
+
+    def _installed(self):
+        """Called (under the lock) when a pass's map replaced the previous one."""
+
+
+class JobSockets(_PassIndex):
     """Index socket inode -> (pid, fd) over every process of a Slurm job.
 
     A hit is re-checked (one readlink of /proc/PID/fd/FD, then the pid's job, kept for
-    JOB_TTL seconds per pid).  A miss is authoritative when the index was built by a pass
-    that *started after the question arrived*: the connection existed before the peer
-    asked, so a job process holding it would have been seen.  Otherwise a question waits
-    for the pass running (one at a time) and looks in its index; only if that pass started
-    before the question arrived and missed it is a new pass made, which then serves every
-    question waiting.  (A fan-out's thousand questions arriving during the first pass are
-    all answered from it.)"""
+    JOB_TTL seconds per pid); a miss follows _PassIndex's rule."""
 
     JOB_TTL = 1.0
     JOB_CACHE_MAX = 65536
 
     def __init__(self, jobs, proc: str = "/proc", clock=time.monotonic):
-        self.jobs = jobs
+        super().__init__(jobs, clock)
         self.proc = proc
-        self.clock = clock
-        self._map: dict[int, tuple[int, int]] = {}
         self._jobs: dict[int, tuple[tuple[int, int], float]] = {}   # pid -> (job, when)
-        self._built_from = float("-inf")     # start time of the pass that built _map
-        self._running: float | None = None    # start time of the pass in progress
-        self._cond = threading.Condition()
-        self.passes = 0
 
     def _check(self, inode: int):
         hit = self._map.get(inode)
@@ -379,33 +443,44 @@ class JobSockets:
                 m.setdefault(inode, (pid, fd))
         return m
 
+    def _installed(self):
+        self._jobs.clear()
+
     def holder(self, inode: int, arrived: float):
         """(pid, (job_id, job_uid)) of the job process holding the socket, or None."""
-        while True:
-            found = self._check(inode)
-            if found is not None or self._built_from >= arrived:
-                return found
-            self._next_pass()
+        return self._find(inode, arrived)
 
-    def _next_pass(self):
-        """Make a pass, or wait for the one running to end (its map may hold the socket
-        even though it started before the question arrived: holder() checks it first)."""
-        with self._cond:
-            if self._running is not None:
-                self._cond.wait()
-                return
-            self._running = start = self.clock()
-        m = None
-        try:
-            m = self._scan()
-        finally:                   # a failed pass wakes the waiters; one of them tries again
-            with self._cond:
-                if m is not None:
-                    self._map, self._built_from = m, start
-                    self.passes += 1
-                    self._jobs.clear()
-                self._running = None
-                self._cond.notify_all()
+
+class JobCgroups(_PassIndex):
+    """Index cgroup v2 id -> job id over the job directories (jobs.job_cgroup_ids()).
+
+    A pass stats the job directories, not the processes.  A miss follows _PassIndex's rule;
+    an id missed by a pass that started after the question arrived is remembered as no
+    job's: a job's directories are always made new, so a cgroup that was not a job's never
+    becomes one."""
+
+    NOT_JOB_MAX = 65536
+
+    def __init__(self, jobs, clock=time.monotonic):
+        super().__init__(jobs, clock)
+        self._not_job: set[int] = set()
+
+    def _check(self, cgroup_id: int):
+        return self._map.get(cgroup_id)
+
+    def _scan(self) -> dict:
+        return self.jobs.job_cgroup_ids()
+
+    def job_of(self, cgroup_id: int, arrived: float) -> int | None:
+        """The job whose cgroup (or a cgroup below it) has this id, or None."""
+        if cgroup_id in self._not_job:
+            return None
+        job = self._find(cgroup_id, arrived)
+        if job is None:
+            if len(self._not_job) >= self.NOT_JOB_MAX:
+                self._not_job.clear()
+            self._not_job.add(cgroup_id)
+        return job
 
 
 class HolderScan:
@@ -455,9 +530,10 @@ class LookupResult:
     status: int                # protocol STATUS_FOUND / STATUS_UNKNOWN
     job_id: int = P.NO_JOB
     job_uid: int = P.NO_UID
-    pid: int | None = None
+    pid: int | None = None     # the job process holding the socket, when `by` is "holder"
     sock: SockInfo | None = None
     why: str = ""              # for unknown: "no-socket" or "not-in-job" (no process in a job holds it)
+    by: str = ""               # for found: "cgroup" (made in the job) or "holder" (a job process holds it)
     elapsed_ms: float = 0.0
 
 
@@ -467,6 +543,7 @@ class Lookup:
     def __init__(self, jobs, *, sockdiag: str = "netlink", proc: str = "/proc"):
         self.jobs = jobs
         self.proc = proc
+        self.cgroups = JobCgroups(jobs)
         self.index = JobSockets(jobs, proc)
         self._diag = None
         if sockdiag == "netlink":
@@ -512,9 +589,13 @@ class Lookup:
         if info is None:
             return LookupResult(P.STATUS_UNKNOWN, why="no-socket",
                                 elapsed_ms=(time.perf_counter() - t0) * 1e3)
+        job_id = self.cgroups.job_of(info.cgroup_id, arrived) if info.cgroup_id else None
+        if job_id is not None:
+            return LookupResult(P.STATUS_FOUND, job_id, info.uid, sock=info, by="cgroup",
+                                elapsed_ms=(time.perf_counter() - t0) * 1e3)
         found = self.index.holder(info.inode, arrived)
         el = (time.perf_counter() - t0) * 1e3
         if found is None:
             return LookupResult(P.STATUS_UNKNOWN, sock=info, why="not-in-job", elapsed_ms=el)
         pid, (job_id, job_uid) = found
-        return LookupResult(P.STATUS_FOUND, job_id, job_uid, pid, info, elapsed_ms=el)
+        return LookupResult(P.STATUS_FOUND, job_id, job_uid, pid, info, by="holder", elapsed_ms=el)

@@ -151,10 +151,10 @@ class Handler:
         if uid == 0:
             counts["answers-root"] += 1
         if self.debug:
-            log.debug("event=answer peer=%s uid=%d hint=%d conn=%r status=%s job=%s pid=%s via=%s "
-                      "why=%s ms=%.2f", peer, uid, hint, req.describe(), P.STATUS_NAMES[res.status],
-                      res.job_id or "-", res.pid or "-", res.sock.via if res.sock else "-",
-                      res.why or "-", res.elapsed_ms)
+            log.debug("event=answer peer=%s uid=%d hint=%d conn=%r status=%s job=%s by=%s pid=%s "
+                      "via=%s why=%s ms=%.2f", peer, uid, hint, req.describe(),
+                      P.STATUS_NAMES[res.status], res.job_id or "-", res.by or "-", res.pid or "-",
+                      res.sock.via if res.sock else "-", res.why or "-", res.elapsed_ms)
         after = None
         if self.log_unknown_holder and res.why == "not-in-job":
             after = lambda: self._log_holder(peer, req, res.sock)  # noqa: E731

@@ -4,6 +4,7 @@ import gc
 import ipaddress
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -109,11 +110,12 @@ def test_udp_connected_and_unconnected(backend):
 
 
 class FakeJobs:
-    """job_pids() lists `pids` (counting the passes); job_of_pid from `mapping`."""
+    """job_pids() lists `pids` (counting the passes); job_of_pid from `mapping`; no job
+    cgroups (every socket is looked up through the process holding it), unless `cgroups`."""
 
-    def __init__(self, pids, mapping):
-        self.pids, self.mapping = pids, mapping
-        self.listed = 0
+    def __init__(self, pids, mapping, cgroups=None):
+        self.pids, self.mapping, self.cgroups = pids, mapping, cgroups or {}
+        self.listed = self.cgroup_passes = 0
 
     def job_pids(self):
         self.listed += 1
@@ -121,6 +123,10 @@ class FakeJobs:
 
     def job_of_pid(self, pid):
         return self.mapping.get(pid)
+
+    def job_cgroup_ids(self):
+        self.cgroup_passes += 1
+        return dict(self.cgroups)
 
 
 GONE = 2 ** 22 + 12345  # above pid_max on this machine: never exists
@@ -318,8 +324,100 @@ def test_job_with_a_thousand_processes_is_listed_whole(jobcg):
         (ca, cp), (sa, sp) = ends
         r = Lookup(jobs).lookup(P.Request.make(ca, cp, sa, sp))
         assert r.status == P.STATUS_FOUND and r.job_id == 6161 and r.pid == kids[-1]
+        assert r.by == "holder"           # made outside the job, handed to its process
     finally:
         for pid in kids:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
         lst.close()
+
+
+def _connect_from(cg, jobcg, listener) -> tuple[int, tuple, tuple]:
+    """A child process moved into cgroup `cg` *before* it makes a connection to `listener`
+    (as an ssh started in a job step does) and holds it: (pid, its end, the listener's end)."""
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(go_w)
+            os.read(go_r, 1)
+            c = socket.create_connection(listener.getsockname())
+            c.send(b"x")
+            time.sleep(1000)
+        finally:
+            os._exit(0)
+    os.close(go_r)
+    jobcg.add(cg, pid)
+    os.write(go_w, b"g")
+    os.close(go_w)
+    srv, peer = listener.accept()
+    srv.recv(1)
+    srv.close()
+    return pid, peer, listener.getsockname()
+
+
+@pytest.mark.root
+def test_socket_made_in_a_job_is_found_by_its_cgroup_without_a_process_pass(jobcg):
+    """The kernel reports the cgroup a socket was made in: a connection made inside a job is
+    that job's without listing a single job process; a job started after the cgroup index
+    was built is seen (one new pass over the job directories, not the processes)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(8)
+    kids = []
+    try:
+        jobs = CgroupJobs([str(jobcg.root)])
+        lk = Lookup(jobs)
+        first = jobcg.make(7171, "step_0")
+        pid, (ca, cp), (sa, sp) = _connect_from(first, jobcg, lst)
+        kids.append(pid)
+        r = lk.lookup(P.Request.make(ca, cp, sa, sp))
+        assert (r.status, r.job_id, r.job_uid, r.by, r.pid) == (P.STATUS_FOUND, 7171, 0, "cgroup", None)
+        assert r.sock.cgroup_id == os.stat(first).st_ino
+        assert (lk.cgroups.passes, lk.index.passes) == (1, 0)
+        later = jobcg.make(7272, "step_0")
+        pid, (ca, cp), (sa, sp) = _connect_from(later, jobcg, lst)
+        kids.append(pid)
+        r = lk.lookup(P.Request.make(ca, cp, sa, sp))
+        assert (r.status, r.job_id, r.by) == (P.STATUS_FOUND, 7272, "cgroup")
+        assert (lk.cgroups.passes, lk.index.passes) == (2, 0)
+    finally:
+        for pid in kids:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        lst.close()
+
+
+def test_socket_made_outside_a_job_is_looked_up_by_holder_and_its_cgroup_remembered(tcp_pair):
+    """A socket made in no job's cgroup (here: by this test) falls back to the process that
+    holds it; that cgroup is remembered as no job's, so the next such question makes no
+    new pass over the job directories (a job's directories are always made new)."""
+    a, _ = tcp_pair(socket.AF_INET, "127.0.0.1")
+    b, _ = tcp_pair(socket.AF_INET, "127.0.0.1")
+    jobs = FakeJobs([os.getpid()], {os.getpid(): (5, 0)}, cgroups={2 ** 40: 99})
+    lk = Lookup(jobs)
+    for s in (a, b):
+        r = lk.lookup(P.Request.make(*s.getsockname(), *s.getpeername()))
+        assert (r.status, r.job_id, r.by, r.pid) == (P.STATUS_FOUND, 5, "holder", os.getpid())
+        assert r.sock.cgroup_id != 0
+    assert jobs.cgroup_passes == 1
+
+
+def test_job_cgroup_ids_only_from_cgroup2(jobcg, tmp_path):
+    """Only directories on a cgroup2 file system give cgroup ids: a job_<N> tree elsewhere
+    (a cgroup v1 hierarchy, here a plain directory) has inode numbers of another space."""
+    leaf = jobcg.make(8181, "step_0")
+    (tmp_path / "job_8282" / "step_0").mkdir(parents=True)
+    ids = CgroupJobs([str(tmp_path), str(jobcg.root)]).job_cgroup_ids()
+    assert ids[os.stat(leaf).st_ino] == 8181
+    assert 8282 not in ids.values()
+
+
+def test_cgroup_id_attribute_parse():
+    from daemon.lookup import INET_DIAG_CGROUP_ID, _cgroup_id
+    attr = lambda t, v: struct.pack("=HH", 4 + len(v), t) + v + bytes(-len(v) % 4)  # noqa: E731
+    data = attr(8, b"\0") + attr(INET_DIAG_CGROUP_ID, struct.pack("=Q", 4242))
+    assert _cgroup_id(data, 0, len(data)) == 4242
+    assert _cgroup_id(attr(8, b"\0"), 0, 8) == 0                   # absent (older kernel)
+    assert _cgroup_id(struct.pack("=HH", 200, 21) + bytes(8), 0, 12) == 0   # overruns: ignored
+    assert _cgroup_id(struct.pack("=HH", 0, 21), 0, 4) == 0        # zero length: no loop
