@@ -94,18 +94,18 @@ def generator(args):
         req = P.pack_request(sa, sp, da, dp, "tcp")
         # signed now when each goes alone (as before the window); when coalescing, a
         # request is signed as it leaves (its questions are known only then)
-        frame = None if args.coalesce else wire.seal_request(req, auth)
-        prepared.append((k, ip, req, frame, _bound_socket(ip, used)))
+        sealed = None if args.coalesce else wire.seal_request(req, auth)   # (frame, reply auth)
+        prepared.append((k, ip, req, sealed, _bound_socket(ip, used)))
     sel = selectors.DefaultSelector()
     t0 = args.t0
     period = args.window / args.total
-    lat, lag, replies, groups, errors = {}, {}, {}, {}, {}
+    lat, lag, replies, groups, errors, keys = {}, {}, {}, {}, {}, {}
     pending, busy, waiting = {}, set(), {}
     i = 0
     end = t0 + args.window + args.deadline + 2.0
 
     def send(ip, items):
-        """items: [(k, req, frame, sock)], sent in one request from the first one's socket."""
+        """items: [(k, req, sealed, sock)], sent in one request from the first one's socket."""
         s = items[0][3]
         for *_, other in items[1:]:
             if other is not None:
@@ -115,7 +115,7 @@ def generator(args):
             for k in ks:
                 errors[k] = "no reserved port free"
             return after(ip)
-        frame = items[0][2] or wire.seal_requests([r for _, r, _, _ in items], auth)
+        frame, reply_auth = items[0][2] or wire.seal_requests([r for _, r, _, _ in items], auth)
         err = s.connect_ex(("127.0.0.1", args.port))
         if err not in (0, errno.EINPROGRESS):
             for k in ks:
@@ -123,7 +123,7 @@ def generator(args):
             s.close()
             return after(ip)
         busy.add(ip)
-        pending[s] = [ks, frame, ip, P.FrameDecoder(max_frames=1)]
+        pending[s] = [ks, frame, ip, P.FrameDecoder(max_frames=1), reply_auth]
         sel.register(s, selectors.EVENT_WRITE)
 
     def after(ip):
@@ -140,17 +140,17 @@ def generator(args):
     while time.time() < end and (i < len(prepared) or pending):
         now = time.time()
         while i < len(prepared) and t0 + prepared[i][0] * period <= now:
-            k, ip, req, frame, s = prepared[i]
+            k, ip, req, sealed, s = prepared[i]
             lag[k] = (time.time() - (t0 + k * period)) * 1e3
             if args.coalesce and ip in busy:
-                waiting.setdefault(ip, []).append((k, req, frame, s))
+                waiting.setdefault(ip, []).append((k, req, sealed, s))
             else:
-                send(ip, [(k, req, frame, s)])
+                send(ip, [(k, req, sealed, s)])
             i += 1
         nxt = t0 + prepared[i][0] * period if i < len(prepared) else end
         for key, ev in sel.select(max(0.0, min(nxt - time.time(), 0.05))):
             s = key.fileobj
-            ks, frame, ip, dec = pending[s]
+            ks, frame, ip, dec, reply_auth = pending[s]
             try:
                 if ev & selectors.EVENT_WRITE:
                     s.send(frame)
@@ -168,6 +168,7 @@ def generator(args):
                 f = frames[0]
                 replies[ks[0]] = P.encode_frame(f.type, f.auth, f.body, f.auth_blob).hex()
                 groups[ks[0]] = ks
+                keys[ks[0]] = getattr(reply_auth, "key", b"").hex()   # munge: the reply key
             except (OSError, ConnectionError, P.ProtocolError) as e:
                 for k in ks:
                     errors[k] = str(e)
@@ -190,6 +191,7 @@ def generator(args):
     cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
     Path(args.out).write_text(json.dumps({"lat": lat, "lag": lag, "replies": replies,
                                           "groups": groups, "errors": errors, "nonces": nonces,
+                                          "keys": keys,
                                           "cpu": cpu}))
 
 
@@ -297,15 +299,19 @@ def one_run(run, args, auth_name, nq, msock, csock, key, launcher, client):
     # verify every reply: signature, nonce, job
     from daemon import client as C, protocol as P, wire
     from daemon.config import load_config
-    auth = C.auth_from_config(load_config(str(ccfg)))
+    from daemon.auth import ReplyKey
+    acfg = load_config(str(ccfg))
+    auth, reply_uid = C.auth_from_config(acfg), acfg.reply_uid()
     lat, right, errors, requests = [], 0, {}, 0
     for r in res:
         for first, hx in r["replies"].items():
             ks = [str(k) for k in r["groups"][first]]
             requests += 1
             reps = [None] * len(ks)
+            key = r["keys"][first]
+            reply_auth = ReplyKey(bytes.fromhex(key), reply_uid, auth) if key else auth
             try:
-                reps = wire.open_replies(P.decode_frame(bytes.fromhex(hx)), auth,
+                reps = wire.open_replies(P.decode_frame(bytes.fromhex(hx)), reply_auth,
                                          [bytes.fromhex(r["nonces"][k]) for k in ks])
             except Exception as e:
                 errors[f"rejected: {e}"] = errors.get(f"rejected: {e}", 0) + len(ks)

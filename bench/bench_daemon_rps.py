@@ -59,7 +59,7 @@ def loadgen(args):
 
     def signed():
         req = P.pack_request(sa, sp, da, dp, "tcp")
-        return req.nonce, wire.seal_request(req, auth)
+        return (req.nonce, *wire.seal_request(req, auth))      # nonce, frame, reply auth
 
     def presign(out):
         if auth.name == "hmac":       # signed when sent (~10 µs): see the docstring
@@ -74,7 +74,7 @@ def loadgen(args):
         t.join()
 
     addr = ("127.0.0.1", cfg.port)
-    results = [[] for _ in range(nthreads)]   # (latency ms, nonce, reply bytes | None, error)
+    results = [[] for _ in range(nthreads)]   # (latency ms, nonce, reply auth, reply | None, error)
     barrier = threading.Barrier(nthreads + 1)
     period = nthreads / args.rate if args.rate else 0.0   # per thread, paced mode
 
@@ -117,12 +117,12 @@ def loadgen(args):
                 start = time.monotonic()
                 if start >= stop:
                     break
-            nonce, frame = pool[k] if pool else signed()
+            nonce, frame, reply_auth = pool[k] if pool else signed()
             k += 1
             got, err = one(frame)
-            res.append(((time.monotonic() - start) * 1e3, nonce, got, err))
+            res.append(((time.monotonic() - start) * 1e3, nonce, reply_auth, got, err))
         if pool and k >= len(pool):
-            res.append((None, None, None, "presigned-requests-exhausted"))
+            res.append((None, None, None, None, "presigned-requests-exhausted"))
     ts = [threading.Thread(target=run, args=(i,)) for i in range(nthreads)]
     for t in ts:
         t.start()
@@ -133,12 +133,12 @@ def loadgen(args):
     wall = time.monotonic() - t0
     lat, outcomes = [], {}
     for res in results:
-        for ms, nonce, got, err in res:
+        for ms, nonce, reply_auth, got, err in res:
             if got is None:
                 key = err
             else:
                 try:
-                    r = wire.open_reply(got, auth, nonce)
+                    r = wire.open_reply(got, reply_auth, nonce)
                     key = P.STATUS_NAMES[r.status] if r.job_id == 888 or r.status != P.STATUS_FOUND \
                         else "wrong-job"
                 except Exception as e:

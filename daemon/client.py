@@ -91,7 +91,8 @@ def auth_from_config(cfg):
     """Build the Authenticator the config asks for (may raise auth.AuthError)."""
     from .auth import make_auth
     return make_auth(cfg.auth_type, key_file=cfg.key_file, munge_socket=cfg.munge_socket,
-                     munge_ttl=cfg.munge_ttl)
+                     munge_ttl=cfg.munge_ttl,
+                     munge_reply_uid=cfg.reply_uid() if cfg.munge_reply_key else None)
 
 
 def query(host: str, port: int, src, dst, *, auth, timeout: float = 2.0, proto: str = "tcp",
@@ -129,12 +130,12 @@ def _ask(host, port, requests, auth, timeout, trusted_uids, reserved_port, sourc
     t0 = time.monotonic()
     try:
         reqs = requests()
-        frame = _seal(reqs, auth)
+        frame, reply_auth = _seal(reqs, auth)
     except (ValueError, KeyError) as e:
         return [_answer(t0, LOCAL_ERROR, f"bad request: {e}")] * n
     except Exception as e:  # AuthError / AuthUnavailable (munged unreachable here)
         return [_answer(t0, LOCAL_ERROR, f"cannot sign request: {e}")] * n
-    return _send(host, port, reqs, frame, auth, t0, t0 + timeout, trusted_uids,
+    return _send(host, port, reqs, frame, reply_auth, t0, t0 + timeout, trusted_uids,
                  reserved_port, source)
 
 
@@ -147,17 +148,17 @@ def _answer(t0, outcome, detail="", reply: P.Reply | None = None, cacheable=Fals
                   reply.node or None, detail, el)
 
 
-def query_sealed(host: str, port: int, request, frame: bytes, *, auth, timeout: float = 2.0,
-                 trusted_uids=frozenset({0}), reserved_port: bool = True,
+def query_sealed(host: str, port: int, request, frame: bytes, *, reply_auth,
+                 timeout: float = 2.0, trusted_uids=frozenset({0}), reserved_port: bool = True,
                  source: str | None = None) -> Answer:
-    """query() for a request already sealed (`frame` = wire.seal_request(request, auth)):
-    the exchange alone, for callers that sign ahead of time."""
+    """query() for a request already sealed (`frame, reply_auth = wire.seal_request(request,
+    auth)`): the exchange alone, for callers that sign ahead of time."""
     t0 = time.monotonic()
-    return _send(host, port, [request], frame, auth, t0, t0 + timeout, trusted_uids,
+    return _send(host, port, [request], frame, reply_auth, t0, t0 + timeout, trusted_uids,
                  reserved_port, source)[0]
 
 
-def _send(host, port, reqs, frame, auth, t0, deadline, trusted_uids, reserved_port,
+def _send(host, port, reqs, frame, reply_auth, t0, deadline, trusted_uids, reserved_port,
           source) -> list[Answer]:
     def done(outcome, detail="", cacheable=False):
         return [_answer(t0, outcome, detail, None, cacheable)] * len(reqs)
@@ -181,7 +182,7 @@ def _send(host, port, reqs, frame, auth, t0, deadline, trusted_uids, reserved_po
             s.close()
         if isinstance(got, tuple):
             return done(*got)
-        return _open(got, reqs, auth, trusted_uids, t0)
+        return _open(got, reqs, reply_auth, trusted_uids, t0)
     return done(UNREACHABLE, last, cacheable=no_daemon)
 
 
@@ -252,7 +253,7 @@ def _host_arg(host):
     return host
 
 
-def _seal(reqs, auth) -> bytes:
+def _seal(reqs, auth):
     from .wire import seal_requests
     return seal_requests(reqs, auth)
 
@@ -286,11 +287,11 @@ def _exchange(s, frame, deadline):
             return frames[0]
 
 
-def _open(frame, reqs, auth, trusted_uids, t0) -> list[Answer]:
+def _open(frame, reqs, reply_auth, trusted_uids, t0) -> list[Answer]:
     """The reply frame to our requests -> their Answers (every one rejected together)."""
     from .wire import ReplyRejected, open_replies
     try:
-        replies = open_replies(frame, auth, [r.nonce for r in reqs], trusted_uids)
+        replies = open_replies(frame, reply_auth, [r.nonce for r in reqs], trusted_uids)
     except ReplyRejected as e:
         return [_answer(t0, INVALID, str(e))] * len(reqs)
     except Exception as e:  # munged unavailable while verifying

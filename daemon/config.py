@@ -39,6 +39,7 @@ _FIELDS = (
     ("munge_ttl", None),
     ("slurm_user", "slurm"),
     ("reply_user", "root"),
+    ("munge_reply_key", True),
     ("node_name", None),
     ("log_unknown_holder", False),
     ("sock_diag", "netlink"),
@@ -109,9 +110,13 @@ class Config:
     def slurm_uid(self) -> int | None:
         return _uid_of(self.slurm_user)
 
-    def reply_uids(self) -> frozenset[int]:
+    def reply_uid(self) -> int:
+        """The uid the daemons answer as (ReplyUser; root when that user is unknown here)."""
         uid = _uid_of(self.reply_user)
-        return frozenset({0} if uid is None else {0, uid})
+        return 0 if uid is None else uid
+
+    def reply_uids(self) -> frozenset[int]:
+        return frozenset({0, self.reply_uid()})
 
     def serving_processes(self) -> int:
         """Processes that serve the caller-ID port (Processes; 0: one per CPU we may use)."""
@@ -149,6 +154,7 @@ _KEYS = {
     "mungettl": ("munge_ttl", int, _pos),
     "slurmuser": ("slurm_user", str, lambda x: True),
     "replyuser": ("reply_user", str, bool),
+    "mungereplykey": ("munge_reply_key", _bool, lambda x: True),
     "nodename": ("node_name", str, lambda x: 0 < len(x) <= 64 and all(0x21 <= ord(c) < 0x7F for c in x)),
     "logunknownholder": ("log_unknown_holder", _bool, lambda x: True),
     "sockdiag": ("sock_diag", lambda v: v.strip().lower(), lambda x: x in ("netlink", "pyroute2", "no")),
@@ -173,7 +179,8 @@ _KEYS = {
 KEY_NAMES = {
     "port": "Port", "listenaddresses": "ListenAddresses", "authtype": "AuthType",
     "keyfile": "KeyFile", "mungesocket": "MungeSocket", "mungettl": "MungeTTL",
-    "slurmuser": "SlurmUser", "replyuser": "ReplyUser", "nodename": "NodeName",
+    "slurmuser": "SlurmUser", "replyuser": "ReplyUser", "mungereplykey": "MungeReplyKey",
+    "nodename": "NodeName",
     "logunknownholder": "LogUnknownHolder", "sockdiag": "SockDiag", "cgrouproots": "CgroupRoots", "slurmconf": "SlurmConf",
     "maxconnections": "MaxConnections", "ratelimit": "RateLimit", "rateburst": "RateBurst",
     "rootshare": "RootShare", "firstbytetimeout": "FirstByteTimeout",

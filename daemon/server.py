@@ -91,7 +91,7 @@ class Handler:
         gets one replies frame: each request answered as if it came alone."""
         auth, counts = self.auth, self.counts
         try:
-            reqs, uid = wire.open_requests(frame, auth)
+            reqs, uid, reply_auth = wire.open_requests(frame, auth)
         except P.ProtocolError as e:
             log.info("event=bad-request peer=%s reason=%s", peer, e)
             return None, None
@@ -122,7 +122,7 @@ class Handler:
             if after is not None:
                 afters.append(after)
         follow = (lambda: [f() for f in afters]) if afters else None  # noqa: E731
-        return self._seal(auth, frame.type, replies), follow
+        return self._seal(reply_auth, frame.type, replies), follow
 
     def _answer(self, req, uid, privileged, peer, hint, arrived):
         """One request of an authenticated frame -> (P.Reply, log-only follow-up or None)."""
@@ -875,9 +875,8 @@ def set_log_level(level: str):
 def make_auth_checked(cfg):
     """The authenticator the config asks for, proven to work now (munged reachable, key
     readable) rather than failing on every request later.  Raises auth.AuthError."""
-    from .auth import make_auth
-    auth = make_auth(cfg.auth_type, key_file=cfg.key_file, munge_socket=cfg.munge_socket,
-                     munge_ttl=cfg.munge_ttl)
+    from .client import auth_from_config
+    auth = auth_from_config(cfg)
     if cfg.auth_type == "munge":
         blob = auth.sign(P.TYPE_REPLY, b"callerid-selftest")
         auth.verify(P.TYPE_REPLY, b"callerid-selftest", blob)

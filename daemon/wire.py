@@ -17,23 +17,31 @@ class ReplyRejected(Exception):
 
 
 def seal(ftype: int, body: bytes, auth) -> bytes:
+    """An answer frame (replies are signed by what opened their request)."""
     signed = P.signed_bytes(ftype, auth.scheme, body)
     return P.encode_frame(ftype, auth.scheme, body, auth.sign(ftype, signed))
 
 
-def seal_request(req: P.Request, auth) -> bytes:
-    return seal(P.TYPE_REQUEST, req.encode_body(), auth)
+def seal_requests(reqs, auth):
+    """Requests in one frame (one credential for all; a single one goes alone as a request
+    frame) -> (frame bytes, what authenticates the answer: `auth`, or the reply key that
+    the credential carries)."""
+    if len(reqs) == 1:
+        ftype, body = P.TYPE_REQUEST, reqs[0].encode_body()
+    else:
+        ftype, body = P.TYPE_REQUESTS, P.encode_batch(reqs)
+    scheme = auth.request_scheme
+    blob, reply_auth = auth.sign_request(ftype, P.signed_bytes(ftype, scheme, body))
+    return P.encode_frame(ftype, scheme, body, blob), reply_auth
+
+
+def seal_request(req, auth):
+    """seal_requests of one request."""
+    return seal_requests([req], auth)
 
 
 def seal_reply(reply: P.Reply, auth) -> bytes:
     return seal(P.TYPE_REPLY, reply.encode_body(), auth)
-
-
-def seal_requests(reqs, auth) -> bytes:
-    """Several requests in one frame (one credential for all): a single one goes alone."""
-    if len(reqs) == 1:
-        return seal_request(reqs[0], auth)
-    return seal(P.TYPE_REQUESTS, P.encode_batch(reqs), auth)
 
 
 def seal_replies(replies, auth) -> bytes:
@@ -50,31 +58,32 @@ def requests_of(frame: P.Frame) -> list[P.Request]:
     raise P.ProtocolError("unexpected-type", "expected a request")
 
 
-def open_requests(frame: P.Frame, auth) -> tuple[list[P.Request], int]:
-    """Decode and authenticate a request or requests frame -> (requests, sender uid).
+def open_requests(frame: P.Frame, auth):
+    """Decode and authenticate a request or requests frame -> (requests, sender uid, what
+    signs the answer).
 
     Raises ProtocolError (malformed) or AuthError (bad/replayed credential, wrong scheme)."""
     reqs = requests_of(frame)
-    if frame.auth != auth.scheme:
-        raise AuthError("wrong-auth-scheme",
-                        f"got {P.AUTH_NAMES.get(frame.auth)}, want {auth.name}")
-    uid = auth.verify(frame.type, frame.signed_bytes, frame.auth_blob)
-    return reqs, uid
+    uid, reply_auth = auth.verify_request(frame.auth, frame.type, frame.signed_bytes,
+                                          frame.auth_blob)
+    return reqs, uid, reply_auth
 
 
-def open_replies(frame: P.Frame, auth, nonces, trusted_uids=frozenset({0})) -> list[P.Reply]:
-    """Decode, authenticate and bind the reply (or replies) to our requests' nonces, in their
-    order: every nonce answered once, nothing else.  Raises ReplyRejected."""
+def open_replies(frame: P.Frame, reply_auth, nonces, trusted_uids=frozenset({0})) -> list[P.Reply]:
+    """Decode, authenticate (`reply_auth`: from seal_requests) and bind the reply (or
+    replies) to our requests' nonces, in their order: every nonce answered once, nothing
+    else.  Raises ReplyRejected."""
     want = P.TYPE_REPLY if len(nonces) == 1 else P.TYPE_REPLIES
     try:
         if frame.type != want:
             raise ReplyRejected("unexpected-type", f"expected frame type {want}")
-        if frame.auth != auth.scheme:
+        verifier = reply_auth.accepts(frame.auth)
+        if verifier is None:
             raise ReplyRejected("wrong-auth-scheme",
-                                f"got {P.AUTH_NAMES.get(frame.auth)}, want {auth.name}")
+                                f"got {P.AUTH_NAMES.get(frame.auth)}, want {reply_auth.name}")
         replies = ([P.Reply.decode_body(frame.body)] if want == P.TYPE_REPLY
                    else P.decode_replies(frame.body))
-        uid = auth.verify(frame.type, frame.signed_bytes, frame.auth_blob)
+        uid = verifier.verify(frame.type, frame.signed_bytes, frame.auth_blob)
     except P.ProtocolError as e:
         raise ReplyRejected("malformed", str(e)) from None
     except AuthError as e:
@@ -87,14 +96,15 @@ def open_replies(frame: P.Frame, auth, nonces, trusted_uids=frozenset({0})) -> l
     return replies
 
 
-def open_request(frame: P.Frame, auth) -> tuple[P.Request, int]:
-    """open_requests for a frame that must hold exactly one request."""
+def open_request(frame: P.Frame, auth):
+    """open_requests for a frame that must hold exactly one request -> (request, uid, what
+    signs the answer)."""
     if frame.type != P.TYPE_REQUEST:
         raise P.ProtocolError("unexpected-type", "expected a request")
-    reqs, uid = open_requests(frame, auth)
-    return reqs[0], uid
+    reqs, uid, reply_auth = open_requests(frame, auth)
+    return reqs[0], uid, reply_auth
 
 
-def open_reply(frame: P.Frame, auth, nonce: bytes, trusted_uids=frozenset({0})) -> P.Reply:
+def open_reply(frame: P.Frame, reply_auth, nonce: bytes, trusted_uids=frozenset({0})) -> P.Reply:
     """Decode, authenticate and bind a reply to our request's nonce.  Raises ReplyRejected."""
-    return open_replies(frame, auth, [nonce], trusted_uids)[0]
+    return open_replies(frame, reply_auth, [nonce], trusted_uids)[0]

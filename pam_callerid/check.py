@@ -204,22 +204,17 @@ def check_layout(cfg):
     return Result("layout", OK, base), layout
 
 
-def make_auth(cfg):
-    from daemon.auth import make_auth as _make
-    return _make(cfg.auth_type, key_file=cfg.key_file, munge_socket=cfg.munge_socket,
-                 munge_ttl=cfg.munge_ttl)
-
-
 def check_auth(cfg):
     """(Result, auth or None)."""
     from daemon import protocol as P
     from daemon.auth import AuthError
+    from daemon.client import auth_from_config
     if cfg.auth_type == "hmac":
         why = path_problem(cfg.key_file)
         if why:
             return Result("auth", FAIL, f"HMAC key {cfg.key_file}: {why}"), None
     try:
-        auth = make_auth(cfg)
+        auth = auth_from_config(cfg)
         blob = auth.sign(P.TYPE_REPLY, b"callerid-check")
         uid = auth.verify(P.TYPE_REPLY, b"callerid-check", blob)
     except AuthError as e:

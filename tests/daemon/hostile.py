@@ -96,7 +96,7 @@ def ask(args):
     frames = []
     for _ in range(n):
         req = P.pack_request(sa, sp, da, dp, "tcp")
-        frames.append((req, wire.seal_request(req, auth)))
+        frames.append((req, *wire.seal_request(req, auth)))
     results = [None] * n
     t0 = time.monotonic() + 0.2
     srcs = args.src or [None]
@@ -104,13 +104,14 @@ def ask(args):
     nxt = [0]
 
     def one(k):
-        req, frame = frames[k]
+        req, frame, reply_auth = frames[k]
         host_src = srcs[k % len(srcs)]
         sched = t0 + k * period
         delay = sched - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        ans = C.query_sealed(args.host, args.port, req, frame, auth=auth, timeout=args.timeout,
+        ans = C.query_sealed(args.host, args.port, req, frame, reply_auth=reply_auth,
+                             timeout=args.timeout,
                              trusted_uids=cfg.reply_uids(), reserved_port=not args.no_reserved,
                              source=host_src)
         results[k] = (ans.outcome, ans.cacheable, ans.job_id,

@@ -138,7 +138,7 @@ def test_batch_answered_out_of_order_or_partly_is_rejected_whole():
 
     def answer(how):
         def respond(frame):
-            reqs, _ = wire.open_requests(frame, auth)
+            reqs, _, _ = wire.open_requests(frame, auth)
             reps = [P.Reply(P.STATUS_FOUND, r.nonce, 7, 0, "x") for r in reqs]
             return wire.seal_replies(how(reps), auth)
         return respond
@@ -270,7 +270,7 @@ def test_replayed_request_refused(scheme, request):
     auth = HmacAuth(KEY) if scheme == "hmac" else MungeAuth(request.getfixturevalue("munged").socket)
     with ServerThread(auth) as st:
         req = P.Request.make("127.0.0.1", 40000, "127.0.0.1", 22)
-        frame = wire.seal_request(req, auth)
+        frame = wire.seal_request(req, auth)[0]
         r1 = wire.open_reply(P.decode_frame(_raw_exchange(st.port, frame)), auth, req.nonce)
         assert r1.status == P.STATUS_UNKNOWN and r1.node == "testnode"
         r2 = wire.open_reply(P.decode_frame(_raw_exchange(st.port, frame)), auth, req.nonce)
@@ -293,7 +293,7 @@ def test_hostile_connections_do_not_hurt_server():
         hdr = P.HEADER.pack(P.MAGIC, P.VERSION, P.TYPE_REQUEST, P.AUTH_HMAC, 0, 65535, 65535)
         assert _raw_exchange(st.port, hdr + b"x" * 100000) == b""
         assert _raw_exchange(st.port, os.urandom(5000)) == b""
-        frame = wire.seal_request(P.Request.make("127.0.0.1", 1, "127.0.0.1", 2), auth)
+        frame = wire.seal_request(P.Request.make("127.0.0.1", 1, "127.0.0.1", 2), auth)[0]
         assert _raw_exchange(st.port, frame[:-3]) == b""  # truncated, then EOF
         # silent: connect and send nothing -> the kernel keeps it from us (TCP_DEFER_ACCEPT,
         # ~1 s), then it is reset at FirstByteTimeout

@@ -181,16 +181,16 @@ def test_a_batch_is_checked_request_by_request():
     (reset, no reply); a batch's reply binds every nonce."""
     with ServerThread(AUTH) as st:
         reqs = [P.Request.make("127.0.0.1", 40000 + i, "127.0.0.1", 22) for i in range(3)]
-        wire.open_reply(P.decode_frame(_raw_exchange(st.port, wire.seal_request(reqs[1], AUTH))),
+        wire.open_reply(P.decode_frame(_raw_exchange(st.port, wire.seal_request(reqs[1], AUTH)[0])),
                         AUTH, reqs[1].nonce)
         got = wire.open_replies(P.decode_frame(_raw_exchange(
-            st.port, wire.seal_requests(reqs, AUTH))), AUTH, [r.nonce for r in reqs])
+            st.port, wire.seal_requests(reqs, AUTH)[0])), AUTH, [r.nonce for r in reqs])
         assert [r.status for r in got] == [P.STATUS_UNKNOWN, P.STATUS_REFUSED, P.STATUS_UNKNOWN]
         with pytest.raises(wire.ReplyRejected, match="wrong-nonce"):
             wire.open_replies(P.decode_frame(_raw_exchange(st.port, wire.seal_requests(
-                reqs[:2] + [P.Request.make("127.0.0.1", 1, "127.0.0.1", 2)], AUTH))),
+                reqs[:2] + [P.Request.make("127.0.0.1", 1, "127.0.0.1", 2)], AUTH)[0])),
                 AUTH, [r.nonce for r in reqs])
-        forged = wire.seal_requests(reqs, HmacAuth(bytes(32)))        # not the daemon's key
+        forged = wire.seal_requests(reqs, HmacAuth(bytes(32)))[0]        # not the daemon's key
         got = wire.open_replies(P.decode_frame(_raw_exchange(st.port, forged)), AUTH,
                                 [r.nonce for r in reqs])
         assert [r.status for r in got] == [P.STATUS_REFUSED] * 3

@@ -3,6 +3,7 @@ stops by itself: junk holding the connection cap, a user's flood from the PAM mo
 address, and SIGHUP reloads while connections are in flight.  The question asked is always
 about a connection held by a process in a (synthetic) Slurm job, so a right answer is
 "found" with that job."""
+import base64
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from daemon import client as C
 from daemon import protocol as P
 from daemon import wire
 from daemon.auth import HmacAuth, load_key, write_key
+from daemon.config import parse_config
 
 from .conftest import NOBODY, PY
 from .test_netns import HELPER, _readline, _wait_log
@@ -158,7 +160,7 @@ def test_sighup_reloads_config_and_key_keeping_connections(procs, tmp_root_dir, 
     assert ask(k1).job_id == JOB
     # a request in flight: half of it sent before the reload, the rest after
     req = P.Request.make(*C.parse_endpoint(src), *C.parse_endpoint(dst))
-    frame = wire.seal_request(req, k1)
+    frame = wire.seal_request(req, k1)[0]
     s = socket.create_connection(("127.0.0.1", d.port))
     s.sendall(frame[:30])
     d.write(f"AuthType=hmac\nKeyFile={key}\nCgroupRoots={jobcg.root}\nRequestTimeout=10\n"
@@ -189,3 +191,61 @@ def test_sighup_reloads_config_and_key_keeping_connections(procs, tmp_root_dir, 
     assert ask(k2).job_id == JOB and d.proc.poll() is None
     stats = d.stop_stats()
     assert stats["reloads"] == 2 and stats["reload-failures"] == 1
+
+
+def _exchange(port, frame):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(frame)
+        dec = P.FrameDecoder()
+        while True:
+            data = s.recv(P.MAX_FRAME)
+            assert data, "closed without a reply"
+            got = dec.feed(data)
+            if got:
+                return got[0]
+
+
+def test_munge_reply_key_answer_replay_and_forgery(munged, munge_daemon, target):
+    """A munge request carrying a reply key is answered with that key (one munge decode on
+    the daemon, no encode); the same credential again is refused by munged's replay check,
+    and that refusal, which the daemon cannot sign with the key, comes with its own munge
+    signature and is accepted as a refusal; an answer signed with any other key is not."""
+    from daemon.auth import MungeAuth, ReplyKey
+    d = munge_daemon()
+    req = P.Request.make(*C.parse_endpoint(target[0]), *C.parse_endpoint(target[1]))
+    frame, reply_auth = wire.seal_request(req, MungeAuth(munged.socket, reply_uid=0))
+    assert P.decode_frame(frame).auth == P.AUTH_MUNGE_KEY and isinstance(reply_auth, ReplyKey)
+    first = _exchange(d.port, frame)
+    assert first.auth == P.AUTH_MUNGE_KEY
+    reply = wire.open_reply(first, reply_auth, req.nonce)
+    assert (reply.status, reply.job_id) == (P.STATUS_FOUND, JOB)
+    again = _exchange(d.port, frame)
+    assert again.auth == P.AUTH_MUNGE
+    assert wire.open_reply(again, reply_auth, req.nonce).status == P.STATUS_REFUSED
+    assert "reason=replayed" in d.text()
+    with pytest.raises(wire.ReplyRejected, match="bad-auth"):
+        wire.open_reply(first, ReplyKey(os.urandom(32), 0), req.nonce)
+    # the client's own query path, default settings: keyed, answered right
+    cfg_auth = C.auth_from_config(parse_config(f"MungeSocket={munged.socket}\n"))
+    assert cfg_auth.request_scheme == P.AUTH_MUNGE_KEY
+    assert C.query("127.0.0.1", d.port, *target, auth=cfg_auth, timeout=3).job_id == JOB
+
+
+def test_munge_reply_key_readable_only_by_the_daemons_uid(munged, procs):
+    """The reply key travels inside the credential, encrypted; munged decodes it only for
+    the uid the client names (root is the daemon here): another user cannot read it."""
+    from daemon.auth import MungeAuth
+    req = P.Request.make("127.0.0.1", 40000, "127.0.0.1", 22)
+    frame, reply_auth = wire.seal_request(req, MungeAuth(munged.socket, reply_uid=0))
+    cred = P.decode_frame(frame).auth_blob
+    payload, uid = MungeAuth(munged.socket)._decode(cred)
+    assert uid == 0 and payload.endswith(reply_auth.key)
+    assert reply_auth.key not in base64.b64decode(cred.split(b":")[1])      # encrypted
+    frame, _ = wire.seal_request(req, MungeAuth(munged.socket, reply_uid=0))
+    code = ("import sys; from daemon.auth import MungeAuth, AuthError\n"
+            f"try: MungeAuth({munged.socket!r})._decode(bytes.fromhex(sys.argv[1]))\n"
+            "except AuthError as e: print(e.reason)")
+    p = procs.start(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                     PY, "-c", code, P.decode_frame(frame).auth_blob.hex()])
+    out, err = p.communicate(timeout=30)
+    assert out.decode().strip() == "unauthorized", err.decode()

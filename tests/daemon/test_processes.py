@@ -94,7 +94,7 @@ def test_request_replayed_to_any_process_is_refused(hmac_daemon, target):  # noq
     auth = HmacAuth(load_key(d.key))
     src, dst = target
     req = P.Request.make(*C.parse_endpoint(src), *C.parse_endpoint(dst))
-    frame = wire.seal_request(req, auth)
+    frame = wire.seal_request(req, auth)[0]
 
     def send(_):
         with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:

@@ -38,10 +38,10 @@ def replies(draw):
 
 @given(requests())
 def test_request_round_trip(req):
-    data = wire.seal_request(req, AUTH)
+    data = wire.seal_request(req, AUTH)[0]
     assert len(data) <= P.MAX_FRAME
     frame = P.decode_frame(data)
-    got, uid = wire.open_request(frame, AUTH)
+    got, uid, _ = wire.open_request(frame, AUTH)
     assert got == req and uid == 0
 
 
@@ -54,7 +54,7 @@ def test_reply_round_trip(rep):
 
 @given(requests(), st.data())
 def test_streaming_decoder_any_split(req, data):
-    raw = wire.seal_request(req, AUTH)
+    raw = wire.seal_request(req, AUTH)[0]
     cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=6)))
     dec = P.FrameDecoder()
     frames = []
@@ -89,7 +89,7 @@ def test_garbage_never_crashes_and_is_bounded(blob):
 
 @given(requests(), st.integers(0, 200), st.binary(min_size=1, max_size=1))
 def test_mutated_frames_rejected_cleanly(req, pos, byte):
-    raw = bytearray(wire.seal_request(req, AUTH))
+    raw = bytearray(wire.seal_request(req, AUTH)[0])
     pos %= len(raw)
     if raw[pos:pos + 1] == byte:
         return
@@ -108,7 +108,7 @@ def _req():
 
 
 def test_truncated():
-    raw = wire.seal_request(_req(), AUTH)
+    raw = wire.seal_request(_req(), AUTH)[0]
     for n in (0, 5, 11, 12, 40, len(raw) - 1):
         with pytest.raises(P.ProtocolError) as ei:
             P.decode_frame(raw[:n])
@@ -135,7 +135,7 @@ def test_oversized_rejected_from_header_alone():
 
 
 def test_wrong_version_and_magic():
-    raw = bytearray(wire.seal_request(_req(), AUTH))
+    raw = bytearray(wire.seal_request(_req(), AUTH)[0])
     raw[4] = 2
     with pytest.raises(P.ProtocolError) as ei:
         P.decode_frame(bytes(raw))
@@ -152,14 +152,14 @@ def test_missing_and_bad_auth():
     with pytest.raises(P.ProtocolError) as ei:
         P.decode_frame(P.HEADER.pack(P.MAGIC, 1, 1, P.AUTH_HMAC, 0, len(body), 0) + body)
     assert ei.value.reason == "missing-auth"
-    forged = wire.seal_request(req, OTHER)
+    forged = wire.seal_request(req, OTHER)[0]
     with pytest.raises(AuthError) as ei:
         wire.open_request(P.decode_frame(forged), AUTH)
     assert ei.value.reason == "bad-mac"
 
 
 def test_two_frames_on_one_connection_rejected():
-    raw = wire.seal_request(_req(), AUTH)
+    raw = wire.seal_request(_req(), AUTH)[0]
     dec = P.FrameDecoder(max_frames=1)
     with pytest.raises(P.ProtocolError) as ei:
         dec.feed(raw + raw)
@@ -177,7 +177,7 @@ def test_reply_wrong_nonce_forged_and_type_confusion():
     assert ei.value.reason == "bad-auth"
     # a request echoed back as if it were a reply
     with pytest.raises(wire.ReplyRejected) as ei:
-        wire.open_reply(P.decode_frame(wire.seal_request(req, AUTH)), AUTH, req.nonce)
+        wire.open_reply(P.decode_frame(wire.seal_request(req, AUTH)[0]), AUTH, req.nonce)
     assert ei.value.reason == "unexpected-type"
     # a reply frame relabelled as a request: the MAC covers the type
     raw = bytearray(wire.seal_reply(good, AUTH))
@@ -190,9 +190,9 @@ def test_reply_wrong_nonce_forged_and_type_confusion():
 def test_batch_round_trip_in_order(reqs, data):
     """Requests in one frame, their replies in one frame (the largest fit MAX_FRAME), bound
     to every nonce in order."""
-    frame = P.decode_frame(wire.seal_requests(reqs, AUTH))
+    frame = P.decode_frame(wire.seal_requests(reqs, AUTH)[0])
     assert frame.type == P.TYPE_REQUESTS
-    got, uid = wire.open_requests(frame, AUTH)
+    got, uid, _ = wire.open_requests(frame, AUTH)
     assert got == reqs and uid == 0
     reps = [data.draw(replies()) for _ in reqs]
     reps = [P.Reply(r.status, q.nonce, r.job_id, r.job_uid, "n" * P.MAX_NODE_NAME, r.timestamp_ms)
@@ -204,7 +204,7 @@ def test_batch_round_trip_in_order(reqs, data):
 
 def test_batch_bounds_and_binding():
     reqs = [_req() for _ in range(3)]
-    assert P.decode_frame(wire.seal_requests(reqs[:1], AUTH)).type == P.TYPE_REQUEST  # one: alone
+    assert P.decode_frame(wire.seal_requests(reqs[:1], AUTH)[0]).type == P.TYPE_REQUEST  # one: alone
     with pytest.raises(ValueError):
         P.encode_batch([_req() for _ in range(P.MAX_BATCH + 1)])
     with pytest.raises(ValueError):
@@ -229,7 +229,7 @@ def test_batch_bounds_and_binding():
         wire.open_replies(one, AUTH, nonces)
     assert ei.value.reason == "unexpected-type"
     # a requests frame relabelled as replies: the MAC covers the type and the direction
-    raw = bytearray(wire.seal_requests(reqs, AUTH))
+    raw = bytearray(wire.seal_requests(reqs, AUTH)[0])
     raw[5] = P.TYPE_REPLIES
     with pytest.raises(wire.ReplyRejected):
         wire.open_replies(P.decode_frame(bytes(raw)), AUTH, nonces)
@@ -324,7 +324,7 @@ def test_packed_request_round_trip():
     full = P.Request.decode_body(p.encode_body())
     assert full.nonce == p.nonce and str(full.src) == "10.1.2.3" and full.dst_port == 22
     assert p.describe() == full.describe() == "tcp 10.1.2.3:5000 -> 10.1.2.4:22"
-    got, uid = wire.open_request(P.decode_frame(wire.seal_request(p, AUTH)), AUTH)
+    got, uid, _ = wire.open_request(P.decode_frame(wire.seal_request(p, AUTH)[0]), AUTH)
     assert got == full and uid == 0
 
 
@@ -386,3 +386,30 @@ def test_config_is_a_plain_record():
         Config(nope=1)
     with pytest.raises(TypeError):
         hash(Config())
+
+
+def test_reply_key_answers_only_with_its_key_or_its_fallback():
+    from daemon.auth import ReplyKey
+    req = _req()
+    key = os.urandom(32)
+    rep = P.Reply(P.STATUS_FOUND, req.nonce, 5, 0, "n")
+    keyed = P.decode_frame(wire.seal_reply(rep, ReplyKey(key, 0)))
+    assert keyed.auth == P.AUTH_MUNGE_KEY
+    assert wire.open_reply(keyed, ReplyKey(key, 0), req.nonce) == rep
+    with pytest.raises(wire.ReplyRejected, match="untrusted-sender"):    # the uid munge vouched for
+        wire.open_reply(keyed, ReplyKey(key, 1000), req.nonce)
+    plain = P.decode_frame(wire.seal_reply(rep, AUTH))                   # hmac, scheme 2
+    with pytest.raises(wire.ReplyRejected, match="wrong-auth-scheme"):
+        wire.open_reply(plain, ReplyKey(key, 0), req.nonce)
+    assert wire.open_reply(plain, ReplyKey(key, 0, fallback=AUTH), req.nonce) == rep
+    # a daemon with hmac does not take a keyed-munge request (nor the reverse)
+    frame = P.decode_frame(P.encode_frame(P.TYPE_REQUEST, P.AUTH_MUNGE_KEY, req.encode_body(), b"x"))
+    with pytest.raises(AuthError, match="wrong-auth-scheme"):
+        wire.open_request(frame, AUTH)
+
+
+def test_munge_reply_key_setting():
+    from daemon.config import parse_config
+    assert parse_config("").munge_reply_key is True
+    cfg = parse_config("MungeReplyKey=no\nReplyUser=0\n")
+    assert cfg.munge_reply_key is False and cfg.reply_uid() == 0

@@ -82,6 +82,7 @@ def test_munge_down_is_reported(d):
 
 def test_hmac_key_must_be_roots_and_private(d):
     from daemon.auth import write_key
+    from daemon.client import auth_from_config
     from daemon.config import parse_config
     key = d / "callerid.key"
     cfg = parse_config(f"AuthType=hmac\nKeyFile={key}\n")
@@ -103,12 +104,13 @@ def free_port():
 
 def test_daemon_down_and_node_unreachable(d):
     from daemon.auth import write_key
+    from daemon.client import auth_from_config
     from daemon.config import parse_config
     key = d / "callerid.key"
     write_key(str(key))
     port = free_port()
     cfg = parse_config(f"AuthType=hmac\nKeyFile={key}\nPort={port}\n")
-    auth = C.make_auth(cfg)
+    auth = auth_from_config(cfg)
     res = C.check_daemon(cfg, auth, 0.5)
     assert res.status == C.FAIL and "no answer" in res.detail and f"127.0.0.1:{port}" in res.detail
     t0 = time.monotonic()

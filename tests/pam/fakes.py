@@ -122,7 +122,7 @@ class FakeDaemon:
                     continue
                 if not frames:
                     continue
-                req, uid = wire.open_request(frames[0], self.auth)
+                req, uid, _ = wire.open_request(frames[0], self.auth)
                 self.requests.append(req)
                 kind = self.mode[0]
                 if kind == "silent":
