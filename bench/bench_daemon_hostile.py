@@ -42,10 +42,10 @@ from bench_daemon_common import (HOSTILE, PY, Run, cpu_seconds, loadavg, pct,  #
 JOB = 888
 
 
-def run_variant(run: Run, name, conf, tree, target, args, client_munge):
+def run_variant(run: Run, name, conf, tree, target, args, client_munge, client_extra=""):
     d, port, cfg = run.daemon(conf, cpu="0", tree=tree, name=name, nice=args.nice)
     ccfg = run.base / f"client-{name}.conf"          # the askers' side: their own munged
-    ccfg.write_text(f"Port={port}\nAuthType=munge\nMungeSocket={client_munge}\n")
+    ccfg.write_text(f"Port={port}\nAuthType=munge\nMungeSocket={client_munge}\n{client_extra}")
     os.chmod(ccfg, 0o644)
     nobody = pwd.getpwnam("nobody").pw_uid
     c0 = cpu_seconds(d.pid)
@@ -110,7 +110,9 @@ def main():
                 conf, tree = common + "Processes=2\n", None
             else:
                 conf, tree = common, None
-            r = run_variant(run, name, conf, tree, target, args, csock)
+            # the baseline predates munge requests with a reply key: ask it in plain munge
+            extra = "MungeReplyKey=no\n" if name == "baseline" else ""
+            r = run_variant(run, name, conf, tree, target, args, csock, extra)
             rows.append(r)
             print(f"  {name}: done (load {r['load']})", file=sys.stderr, flush=True)
             time.sleep(1)
