@@ -167,7 +167,8 @@ class SockDiag:
         src = data[off + 8:off + 24]
         dst = data[off + 24:off + 40]
         _, _, _, uid, inode = _MSG_TAIL.unpack_from(data, off + 52)
-        return state, sport, dport, src, dst, uid, inode, _cgroup_id(data, off + 72, min(ln, len(data)))
+        cgroup_id = _cgroup_id(data, off + INET_DIAG_MSG_SIZE, min(ln, len(data)))
+        return state, sport, dport, src, dst, uid, inode, cgroup_id
 
     def find(self, proto: int, src, sport: int, dst, dport: int) -> SockInfo | None:
         for fam, lb, rb in _candidates(src, dst):
