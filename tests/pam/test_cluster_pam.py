@@ -81,6 +81,11 @@ def test_one_decision_per_login(ours, platform, password):
         assert acc[0]["how"] == "stepd" and acc[0]["adopted_pid"] == acc[0]["pid"], acc[0]
         assert (acc[0].get("entered", 0) > 0) is (c.platform.cgroup == 1), acc[0]
         assert acc[0].get("after_reply", False) is (c.platform.cgroup == 2), acc[0]
+        # node1's daemon: on cgroup v2 the ssh's socket, made in the srun step, is the job's
+        # by the cgroup the kernel reports; Slurm's v1 cgroups are not in the socket's record
+        answers = [ln for ln in c.daemon_log("node1", "callerid").splitlines()
+                   if "event=answer" in ln and f"job={b} " in ln]
+        assert answers and f"by={'cgroup' if c.platform.cgroup == 2 else 'holder'}" in answers[-1], answers
 
 
 @pytest.mark.platforms("P2", "P3")
