@@ -23,6 +23,7 @@ import os
 import re
 
 from cgroups import jobs as _cg     # small readers shared with the cgroups package
+from cgroups.paths import CgroupParseError, parse_mounts
 
 _JOBDIR_RE = re.compile(r"^job_(\d+)$")
 
@@ -112,16 +113,13 @@ def _job_in_path(path: str) -> int | None:
 
 
 def _cgroup2_mounts() -> list[str]:
-    """Mount points of cgroup2 file systems, each ending in "/" (from /proc/self/mountinfo:
-    mount point is field 5, the file system type follows the " - " separator)."""
-    data = _cg.read_small("/proc/self/mountinfo", 1 << 20) or b""
-    out = []
-    for line in data.decode("utf-8", "replace").splitlines():
-        head, sep, tail = line.partition(" - ")
-        fields = head.split()
-        if sep and len(fields) > 4 and tail.split(" ", 1)[0] == "cgroup2":
-            out.append(fields[4].rstrip("/") + "/")
-    return out
+    """Mount points of cgroup2 file systems, each ending in "/" (the cgroups package's
+    parse of /proc/self/mounts; none if the table cannot be read)."""
+    try:
+        v2 = parse_mounts((_cg.read_small("/proc/self/mounts", 1 << 20) or b"").decode()).v2
+    except (CgroupParseError, UnicodeDecodeError):
+        return []
+    return [m.rstrip("/") + "/" for m in v2]
 
 
 class LayoutJobs(CgroupJobs):
