@@ -17,7 +17,9 @@ Latency = reply received - *scheduled* send: an asker that falls behind its sche
 against the daemon (the send lag is reported).  --client: each source address asks every
 question in a request of its own ("alone"), or as the PAM service does ("coalesced",
 daemon/coalesce.py: one request in flight per daemon, the questions that came meanwhile go
-together when it returns; a request is then signed as it leaves).
+together when it returns; a request is then signed as it leaves, and with munge a source's
+first request carries a credential, its next ones the session ticket that the first answer
+brought (daemon/session.py): each source stands for a node with a session of its own).
 
 Where the CPU goes.  This VM has 2 cores.  The askers stand for 1,000 other machines, but
 they have to run here: they cost ~100 µs of CPU per query (mostly the kernel's TCP, both
@@ -96,6 +98,7 @@ def generator(args):
         # request is signed as it leaves (its questions are known only then)
         sealed = None if args.coalesce else wire.seal_request(req, auth)   # (frame, reply auth)
         prepared.append((k, ip, req, sealed, _bound_socket(ip, used)))
+    nonces_of = {k: r.nonce for k, _, r, _, _ in prepared}
     sel = selectors.DefaultSelector()
     t0 = args.t0
     period = args.window / args.total
@@ -115,7 +118,8 @@ def generator(args):
             for k in ks:
                 errors[k] = "no reserved port free"
             return after(ip)
-        frame, reply_auth = items[0][2] or wire.seal_requests([r for _, r, _, _ in items], auth)
+        frame, reply_auth = items[0][2] or wire.seal_requests([r for _, r, _, _ in items], auth,
+                                                              peer=ip)   # each source its session
         err = s.connect_ex(("127.0.0.1", args.port))
         if err not in (0, errno.EINPROGRESS):
             for k in ks:
@@ -166,10 +170,13 @@ def generator(args):
                 for k in ks:
                     lat[k] = (got - (t0 + k * period)) * 1e3
                 f = frames[0]
+                if args.coalesce and reply_auth.scheme == P.AUTH_MUNGE_KEY:
+                    # as the client does: verify, and keep the session ticket it carries
+                    wire.open_replies(f, reply_auth, [nonces_of[k] for k in ks])
                 replies[ks[0]] = P.encode_frame(f.type, f.auth, f.body, f.auth_blob).hex()
                 groups[ks[0]] = ks
-                keys[ks[0]] = getattr(reply_auth, "key", b"").hex()   # munge: the reply key
-            except (OSError, ConnectionError, P.ProtocolError) as e:
+                keys[ks[0]] = [reply_auth.scheme, getattr(reply_auth, "key", b"").hex()]
+            except (OSError, ConnectionError, P.ProtocolError, wire.ReplyRejected) as e:
                 for k in ks:
                     errors[k] = str(e)
             sel.unregister(s)
@@ -187,7 +194,7 @@ def generator(args):
     for *_, s in prepared[i:]:
         if s is not None:
             s.close()
-    nonces = {k: r.nonce.hex() for k, _, r, _, _ in prepared}
+    nonces = {k: n.hex() for k, n in nonces_of.items()}
     cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
     Path(args.out).write_text(json.dumps({"lat": lat, "lag": lag, "replies": replies,
                                           "groups": groups, "errors": errors, "nonces": nonces,
@@ -299,7 +306,7 @@ def one_run(run, args, auth_name, nq, msock, csock, key, launcher, client):
     # verify every reply: signature, nonce, job
     from daemon import client as C, protocol as P, wire
     from daemon.config import load_config
-    from daemon.auth import ReplyKey
+    from daemon.auth import ReplyKey, SessionKey
     acfg = load_config(str(ccfg))
     auth, reply_uid = C.auth_from_config(acfg), acfg.reply_uid()
     lat, right, errors, requests = [], 0, {}, 0
@@ -308,8 +315,9 @@ def one_run(run, args, auth_name, nq, msock, csock, key, launcher, client):
             ks = [str(k) for k in r["groups"][first]]
             requests += 1
             reps = [None] * len(ks)
-            key = r["keys"][first]
-            reply_auth = ReplyKey(bytes.fromhex(key), reply_uid, auth) if key else auth
+            scheme, key = r["keys"][first]
+            keyed = {P.AUTH_MUNGE_KEY: ReplyKey, P.AUTH_MUNGE_SESSION: SessionKey}.get(scheme)
+            reply_auth = keyed(bytes.fromhex(key), reply_uid, fallback=auth) if keyed else auth
             try:
                 reps = wire.open_replies(P.decode_frame(bytes.fromhex(hx)), reply_auth,
                                          [bytes.fromhex(r["nonces"][k]) for k in ks])

@@ -14,9 +14,13 @@ auth length, plus the body) and yield the sender's uid:
   with munge 0.5.15); the answer is HMAC-signed with that key (`ReplyKey`).  Whoever could
   read the key is that uid on a host of the munge realm: what a munge-signed answer proves,
   for one munged round trip less on each side.
+* munge session (scheme 4): the answer to a scheme-3 request may carry a session ticket
+  (daemon.session) that seals its key; the client's next requests to that daemon send the
+  ticket and are HMAC-signed with the key (`SessionKey`), and so is their answer: no munged
+  round trip on either side until the ticket expires (MungeSessionLifetime).
 
-A request is sealed with `sign_request` (-> the blob and what authenticates its answer) and
-opened with `verify_request` (-> the sender's uid and what signs the answer); answers use
+A request is sealed by `sealer(peer)`'s `sign_request` (-> the blob and what authenticates
+its answer) and opened with `verify_request` (-> the sender's uid and what signs the answer); answers use
 `sign`, and `accepts(scheme)` gives the verifier of an answer of that scheme.
 
 libmunge is loaded lazily (cffi ABI mode) on first use, so importing this module is cheap:
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import os
 import stat
+from time import time as _time
 from _operator import _compare_digest as compare_digest
 from _sha256 import sha256 as _sha256
 from _thread import _local as _thread_local, allocate_lock as _allocate_lock
@@ -66,7 +71,11 @@ def _wrong_scheme(scheme: int, auth) -> AuthError:
 class _Scheme:
     """A scheme that signs requests and answers alike (`scheme`, `sign`, `verify`)."""
 
-    def sign_request(self, ftype: int, signed: bytes):
+    def sealer(self, peer=None):
+        """What signs the next request to `peer` (an opaque key, e.g. (host, port))."""
+        return self
+
+    def sign_request(self, ftype: int, signed: bytes, peer=None):
         """-> (auth blob, what authenticates the answer)."""
         return self.sign(ftype, signed), self
 
@@ -135,6 +144,7 @@ def write_key(path: str, nbytes: int = 32, *, force: bool = False) -> None:
 
 
 _BLOCK = 64                                        # SHA-256 block size
+_TAG_SIZE = 32                                     # its digest size
 _TRANS_5C = bytes(x ^ 0x5C for x in range(256))
 _TRANS_36 = bytes(x ^ 0x36 for x in range(256))
 
@@ -183,14 +193,11 @@ class HmacAuth(_Scheme):
         return 0
 
 
-class ReplyKey(HmacAuth):
-    """The answer to a request whose munge credential carried this key: HMAC with the key,
-    which only `uid` could read from the credential.  Client side, an answer signed with
-    plain munge is accepted too (`fallback`): a daemon that could not open the credential
-    (replayed, another realm) refuses with its own munge signature."""
-
-    scheme = P.AUTH_MUNGE_KEY
-    name = "munge-key"
+class _KeyedAnswer(HmacAuth):
+    """An answer HMAC-signed with a key that only `uid` could have read (from a munge
+    credential, or from the ticket it set up).  Client side, an answer signed with plain
+    munge is accepted too (`fallback`): a daemon that could not open the request refuses
+    with its own munge signature."""
 
     def __init__(self, key: bytes, uid: int, fallback=None):
         super().__init__(key)
@@ -206,6 +213,54 @@ class ReplyKey(HmacAuth):
         if scheme == self.scheme:
             return self
         return self.fallback.accepts(scheme) if self.fallback is not None else None
+
+
+class ReplyKey(_KeyedAnswer):
+    """The answer to a request whose munge credential carried this key (scheme 3).  It may
+    carry a session ticket (daemon.session): daemon side `ticket` is appended, covered by the
+    HMAC; client side `on_ticket(ticket)` receives it once the answer verified."""
+
+    scheme = P.AUTH_MUNGE_KEY
+    name = "munge-key"
+
+    def __init__(self, key: bytes, uid: int, fallback=None, *, ticket: bytes = b"",
+                 on_ticket=None):
+        super().__init__(key, uid, fallback)
+        self.ticket = ticket
+        self.on_ticket = on_ticket
+
+    def sign(self, ftype: int, signed: bytes) -> bytes:
+        return super().sign(ftype, signed + self.ticket) + self.ticket
+
+    def verify(self, ftype: int, signed: bytes, blob: bytes) -> int:
+        tag, ticket = blob[:_TAG_SIZE], blob[_TAG_SIZE:]
+        uid = super().verify(ftype, signed + ticket, tag)
+        if ticket and self.on_ticket is not None:
+            self.on_ticket(ticket)
+        return uid
+
+
+class SessionKey(_KeyedAnswer):
+    """A request sent with a session ticket (scheme 4) and its answer, both HMAC-signed with
+    the key the ticket seals.  Client side, `answered` turns true when an answer signed with
+    it verified: otherwise the daemon did not take the ticket (daemon.client asks again with
+    munge)."""
+
+    scheme = P.AUTH_MUNGE_SESSION
+    name = "munge-session"
+
+    def __init__(self, key: bytes, uid: int, ticket: bytes = b"", fallback=None):
+        super().__init__(key, uid, fallback)
+        self.ticket = ticket
+        self.answered = False
+
+    def sign_request(self, ftype: int, signed: bytes, peer=None):
+        return self.ticket + self.sign(ftype, signed), self
+
+    def verify(self, ftype: int, signed: bytes, blob: bytes) -> int:
+        uid = super().verify(ftype, signed, blob)
+        self.answered = True
+        return uid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,11 +340,16 @@ def _munge_lib(libname: str = DEFAULT_MUNGE_LIB):
 
 class MungeAuth(_Scheme):
     """munge credentials.  `reply_uid` (client side): requests carry a reply key that only
-    this uid can read (scheme 3), else they are plain munge (scheme 1).  Daemon side, both
-    are opened."""
+    this uid can read (scheme 3), and the session ticket a daemon answers with is kept for
+    the next requests to it (scheme 4, daemon.session), else they are plain munge (scheme 1).
+    Daemon side all are opened; tickets are issued and taken when `tickets` (a
+    session.Tickets) is set."""
 
     scheme = P.AUTH_MUNGE
     name = "munge"
+    tickets = None
+    MAX_SESSIONS = 4096               # daemons this client keeps a ticket for
+    SESSION_MARGIN_MS = 5000          # a ticket is not used in its last seconds
 
     def __init__(self, socket_path: str | None = None, ttl: int | None = None,
                  reply_uid: int | None = None):
@@ -297,7 +357,26 @@ class MungeAuth(_Scheme):
         self.ttl = ttl
         self.reply_uid = reply_uid
         self._local = _thread_local()     # = threading.local()
+        self._sessions = {}               # peer -> (ticket, key, use until: ms, daemon clock)
+        self._sessions_lock = _allocate_lock()
         _munge_lib()  # fail early and clearly if libmunge is missing
+
+    def sealer(self, peer=None):
+        held = self._sessions.get(peer) if peer is not None else None
+        if held is not None and _now_ms() < held[2]:
+            return SessionKey(held[1], self.reply_uid, held[0], fallback=self)
+        return self
+
+    def forget_session(self, peer) -> None:
+        """The daemon at `peer` did not take our ticket: ask it with munge again."""
+        self._sessions.pop(peer, None)
+
+    def _keep_session(self, peer, key: bytes, ticket: bytes) -> None:
+        from .session import expiry_ms
+        with self._sessions_lock:
+            if peer not in self._sessions and len(self._sessions) >= self.MAX_SESSIONS:
+                del self._sessions[next(iter(self._sessions))]       # the oldest
+            self._sessions[peer] = (ticket, key, expiry_ms(ticket) - self.SESSION_MARGIN_MS)
 
     @property
     def request_scheme(self) -> int:
@@ -386,22 +465,34 @@ class MungeAuth(_Scheme):
             raise AuthError("payload-mismatch", "credential does not cover this frame")
         return uid
 
-    def sign_request(self, ftype: int, signed: bytes):
+    def sign_request(self, ftype: int, signed: bytes, peer=None):
         if self.reply_uid is None:
             return self.sign(ftype, signed), self
         key = os.urandom(P.REPLY_KEY_SIZE)
-        return self._encode(signed + key, keyed=True), ReplyKey(key, self.reply_uid, self)
+        keep = None if peer is None else (lambda ticket: self._keep_session(peer, key, ticket))
+        return (self._encode(signed + key, keyed=True),
+                ReplyKey(key, self.reply_uid, self, on_ticket=keep))
 
     def verify_request(self, scheme: int, ftype: int, signed: bytes, blob: bytes):
         if scheme == P.AUTH_MUNGE:
             return self.verify(ftype, signed, blob), self
+        if scheme == P.AUTH_MUNGE_SESSION and self.tickets is not None:
+            key, uid = self.tickets.open(blob[:-_TAG_SIZE], _now_ms())
+            answer = SessionKey(key, uid)
+            return answer.verify(ftype, signed, blob[-_TAG_SIZE:]), answer
         if scheme != P.AUTH_MUNGE_KEY:
             raise _wrong_scheme(scheme, self)
         payload, uid = self._decode(blob)
         n = len(signed)
         if len(payload) != n + P.REPLY_KEY_SIZE or not compare_digest(payload[:n], signed):
             raise AuthError("payload-mismatch", "credential does not cover this frame")
-        return uid, ReplyKey(payload[n:], uid)
+        key = payload[n:]
+        ticket = b"" if self.tickets is None else self.tickets.issue(key, uid, _now_ms())
+        return uid, ReplyKey(key, uid, ticket=ticket)
+
+
+def _now_ms() -> int:
+    return int(_time() * 1000)
 
 
 def make_auth(scheme: str, *, key_file: str | None = None, munge_socket: str | None = None,

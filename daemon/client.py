@@ -9,6 +9,11 @@ listens), no route / host unreachable, or the connect timed out.  Once connected
 is cacheable: a reset or a close from a running daemon, a "busy" (rate-limited) answer, a
 timeout waiting for the reply, a rejected reply.
 
+With munge, the answer to a first request carries a session ticket that the auth object
+keeps for that daemon (host, port); the next requests to it send the ticket instead of a new
+credential (daemon.session).  A daemon that does not take it (restarted, expired) is asked
+once more, with munge, within the same deadline.
+
 Run as root (and `reserved_port`, config ReservedSourcePort), the client connects from a
 reserved source port (600-1023): only root on this host can, and the daemon serves such
 connections first (daemon.admission).  If no such port is free it uses an ordinary one.
@@ -128,15 +133,28 @@ def query_many(host: str, port: int, conns, *, auth, timeout: float = 2.0, proto
 
 def _ask(host, port, requests, auth, timeout, trusted_uids, reserved_port, source, n=1):
     t0 = time.monotonic()
-    try:
-        reqs = requests()
-        frame, reply_auth = _seal(reqs, auth)
-    except (ValueError, KeyError) as e:
-        return [_answer(t0, LOCAL_ERROR, f"bad request: {e}")] * n
-    except Exception as e:  # AuthError / AuthUnavailable (munged unreachable here)
-        return [_answer(t0, LOCAL_ERROR, f"cannot sign request: {e}")] * n
-    return _send(host, port, reqs, frame, reply_auth, t0, t0 + timeout, trusted_uids,
-                 reserved_port, source)
+    peer = (host, port)
+    for _ in range(2):
+        try:
+            reqs = requests()
+            frame, reply_auth = _seal(reqs, auth, peer)
+        except (ValueError, KeyError) as e:
+            return [_answer(t0, LOCAL_ERROR, f"bad request: {e}")] * n
+        except Exception as e:  # AuthError / AuthUnavailable (munged unreachable here)
+            return [_answer(t0, LOCAL_ERROR, f"cannot sign request: {e}")] * n
+        answers = _send(host, port, reqs, frame, reply_auth, t0, t0 + timeout, trusted_uids,
+                        reserved_port, source)
+        if not _session_declined(reply_auth, answers):
+            return answers
+        auth.forget_session(peer)     # restarted, expired, or not ours: once more, with munge
+    return answers
+
+
+def _session_declined(reply_auth, answers) -> bool:
+    """A request sent with a session ticket got no answer signed with it, from a daemon
+    that is there (it refused the ticket with its munge signature, or reset)."""
+    return (reply_auth.scheme == P.AUTH_MUNGE_SESSION and not reply_auth.answered
+            and not answers[0].cacheable)
 
 
 def _answer(t0, outcome, detail="", reply: P.Reply | None = None, cacheable=False) -> Answer:
@@ -253,9 +271,9 @@ def _host_arg(host):
     return host
 
 
-def _seal(reqs, auth):
+def _seal(reqs, auth, peer=None):
     from .wire import seal_requests
-    return seal_requests(reqs, auth)
+    return seal_requests(reqs, auth, peer)
 
 
 def _exchange(s, frame, deadline):

@@ -9,7 +9,8 @@ Frame layout (all integers big-endian)::
     0      4    magic  b"CLID"
     4      1    version (1)
     5      1    type: 1 = request, 2 = reply, 3 = requests, 4 = replies
-    6      1    auth scheme: 1 = munge, 2 = hmac-sha256, 3 = munge with a reply key
+    6      1    auth scheme: 1 = munge, 2 = hmac-sha256, 3 = munge with a reply key,
+                4 = munge session (a ticket from an earlier scheme-3 answer)
     7      1    reserved, must be 0
     8      2    body length   (<= MAX_BODY)
     10     2    auth length   (<= MAX_AUTH)
@@ -20,7 +21,10 @@ The *signed bytes* of a frame are bytes 0..9 (header without the auth length) fo
 body.  The auth blob authenticates exactly these bytes (munge: they are the credential payload;
 hmac: HMAC-SHA256 over a direction label and them).  Scheme 3: a request's credential payload
 is the signed bytes followed by a fresh 32-byte reply key (the credential encrypted and
-decodable only by the daemon's uid); its answer is authenticated like hmac, with that key.
+decodable only by the daemon's uid); its answer is authenticated like hmac, with that key,
+and may carry a session ticket (auth blob = HMAC tag over the signed bytes and the ticket,
+then the ticket; daemon.session).  Scheme 4: a request's auth blob is such a ticket followed
+by the HMAC tag with the key it seals; the answer is authenticated with that key.
 
 Request body (62 bytes)::
 
@@ -66,7 +70,9 @@ MAX_BATCH = 16
 AUTH_MUNGE = 1
 AUTH_HMAC = 2
 AUTH_MUNGE_KEY = 3
-AUTH_NAMES = {AUTH_MUNGE: "munge", AUTH_HMAC: "hmac", AUTH_MUNGE_KEY: "munge-key"}
+AUTH_MUNGE_SESSION = 4
+AUTH_NAMES = {AUTH_MUNGE: "munge", AUTH_HMAC: "hmac", AUTH_MUNGE_KEY: "munge-key",
+              AUTH_MUNGE_SESSION: "munge-session"}
 REPLY_KEY_SIZE = 32
 
 PROTO_TCP = 6

@@ -1,4 +1,5 @@
-"""The nonce cache that refuses replayed and stale requests, shared by every serving process.
+"""The nonce cache that refuses replayed and stale requests, shared by every serving process,
+with the daemon instance's secret (random at start; daemon.session seals tickets with it).
 
 A fixed table in a memfd mapped by each serving process (daemon.group passes the fd on), so
 a request replayed to another process of the daemon is refused too.  Slots are grouped in
@@ -18,7 +19,7 @@ import struct
 import threading
 import time
 
-_HEAD = struct.Struct("=q16s")        # floor (ms), hash key
+_HEAD = struct.Struct("=q16s32s")     # floor (ms), hash key, instance secret
 _SLOT = struct.Struct("=16sq")        # nonce, timestamp (ms); 0 = never used
 WAYS = 8
 
@@ -38,12 +39,12 @@ class ReplayCache:
             fd = os.memfd_create("callerid-replay", os.MFD_CLOEXEC)
             os.ftruncate(fd, _HEAD.size + self.buckets * WAYS * _SLOT.size)
             self._mm = mmap.mmap(fd, 0)
-            _HEAD.pack_into(self._mm, 0, 0, os.urandom(16))
+            _HEAD.pack_into(self._mm, 0, 0, os.urandom(16), os.urandom(32))
         else:
             self._mm = mmap.mmap(fd, 0)
             self.buckets = (len(self._mm) - _HEAD.size) // (WAYS * _SLOT.size)
         self.fd = fd
-        self._key = _HEAD.unpack_from(self._mm, 0)[1]
+        _, self._key, self.secret = _HEAD.unpack_from(self._mm, 0)
         self._lock = threading.Lock()
 
     def share(self):
@@ -86,7 +87,7 @@ class ReplayCache:
             elif victim is None or t < victim_ts:
                 victim, victim_ts = off, t
         if free is None:
-            _HEAD.pack_into(mm, 0, max(floor, victim_ts), self._key)
+            _HEAD.pack_into(mm, 0, max(floor, victim_ts), self._key, self.secret)
             free = victim
         _SLOT.pack_into(mm, free, nonce, ts_ms)
         return None

@@ -42,9 +42,10 @@ from random import random as _random
 from . import protocol as P
 from . import wire
 from .admission import FairQueue, Holders, TokenBuckets, hinted
-from .auth import AuthError, AuthUnavailable
+from .auth import AuthError, AuthUnavailable, MungeAuth
 from .lookup import HolderScan, Lookup
 from .replay import ReplayCache
+from .session import Tickets
 
 log = logging.getLogger("callerid")
 security = logging.getLogger("callerid.security")
@@ -72,6 +73,8 @@ class Handler:
         self.user_rate = TokenBuckets(cfg.rate_limit / n, max(1, per_process(cfg.rate_burst, n)))
         self.log_unknown_holder = cfg.log_unknown_holder
         self.replay.window_ms = int(cfg.max_clock_skew * 1000)
+        if isinstance(self.auth, MungeAuth) and cfg.munge_session_lifetime > 0:
+            self.auth.tickets = Tickets(self.replay.secret, cfg.munge_session_lifetime)
         self.debug = log.isEnabledFor(logging.DEBUG)
 
     def _reply(self, status, nonce, job=P.NO_JOB, uid=P.NO_UID) -> P.Reply:
@@ -817,8 +820,8 @@ class Server:
         self.queue.share = cfg.root_share
         h = self.handler
         old_lookup = h.lookup
-        h.configure(cfg, self._node_override or cfg.node())
         h.auth = auth
+        h.configure(cfg, self._node_override or cfg.node())
         h.lookup = lookup
         if old_lookup is not lookup:    # workers may still be inside it: close it later
             self.loop.call_later(cfg.connection_timeout + 1.0, old_lookup.close)

@@ -22,22 +22,23 @@ def seal(ftype: int, body: bytes, auth) -> bytes:
     return P.encode_frame(ftype, auth.scheme, body, auth.sign(ftype, signed))
 
 
-def seal_requests(reqs, auth):
+def seal_requests(reqs, auth, peer=None):
     """Requests in one frame (one credential for all; a single one goes alone as a request
     frame) -> (frame bytes, what authenticates the answer: `auth`, or the reply key that
-    the credential carries)."""
+    the credential carries, or the session key of the ticket `auth` keeps for `peer`)."""
     if len(reqs) == 1:
         ftype, body = P.TYPE_REQUEST, reqs[0].encode_body()
     else:
         ftype, body = P.TYPE_REQUESTS, P.encode_batch(reqs)
-    scheme = auth.request_scheme
-    blob, reply_auth = auth.sign_request(ftype, P.signed_bytes(ftype, scheme, body))
+    sealer = auth.sealer(peer)
+    scheme = sealer.request_scheme
+    blob, reply_auth = sealer.sign_request(ftype, P.signed_bytes(ftype, scheme, body), peer)
     return P.encode_frame(ftype, scheme, body, blob), reply_auth
 
 
-def seal_request(req, auth):
+def seal_request(req, auth, peer=None):
     """seal_requests of one request."""
-    return seal_requests([req], auth)
+    return seal_requests([req], auth, peer)
 
 
 def seal_reply(reply: P.Reply, auth) -> bytes:

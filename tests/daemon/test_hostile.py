@@ -231,6 +231,51 @@ def test_munge_reply_key_answer_replay_and_forgery(munged, munge_daemon, target)
     assert C.query("127.0.0.1", d.port, *target, auth=cfg_auth, timeout=3).job_id == JOB
 
 
+def test_munge_session_ticket_reuse_replay_and_restart(munged, munge_daemon, target, tmp_root_dir):
+    """The keyed answer carries a session ticket, which the client keeps for that daemon:
+    its next query sends the ticket, not a credential (it works with the client's munged
+    gone), and is answered with the ticket's key; the same ticketed request again is refused
+    by the nonce cache.  A restarted daemon (a new secret) refuses the ticket with its munge
+    signature, and the client asks again with munge within the same query."""
+    from daemon.auth import SessionKey
+    d = munge_daemon()
+    link = tmp_root_dir / "client-munge.socket"            # the client's munged, while it is there
+    link.symlink_to(munged.socket)
+    auth = C.auth_from_config(parse_config(f"MungeSocket={link}\n"))
+    peer = ("127.0.0.1", d.port)
+    assert C.query(*peer, *target, auth=auth, timeout=3).job_id == JOB
+    assert isinstance(auth.sealer(peer), SessionKey)
+    link.unlink()
+    assert C.query(*peer, *target, auth=auth, timeout=3).job_id == JOB      # no munge here
+    req = P.Request.make(*C.parse_endpoint(target[0]), *C.parse_endpoint(target[1]))
+    frame, session = wire.seal_request(req, auth, peer)
+    answer = _exchange(d.port, frame)
+    assert answer.auth == P.AUTH_MUNGE_SESSION
+    assert wire.open_reply(answer, session, req.nonce).job_id == JOB
+    again = _exchange(d.port, frame)
+    assert wire.open_reply(again, session, req.nonce).status == P.STATUS_REFUSED
+    assert "event=security-replayed" in d.text()
+    old = auth.sealer(peer).ticket
+    d.proc.terminate()
+    assert d.proc.wait(10) == 0
+    d.start()
+    link.symlink_to(munged.socket)
+    ans = C.query(*peer, *target, auth=auth, timeout=3)
+    assert ans.job_id == JOB, ans
+    assert "reason=bad-ticket" in d.text()
+    assert auth.sealer(peer).ticket != old                  # the new instance's ticket
+
+
+def test_munge_sessions_off(munged, munge_daemon, target):
+    """MungeSessionLifetime=0: keyed answers carry no ticket; every query is munge."""
+    d = munge_daemon("MungeSessionLifetime=0\n")
+    auth = C.auth_from_config(parse_config(f"MungeSocket={munged.socket}\n"))
+    peer = ("127.0.0.1", d.port)
+    for _ in range(2):
+        assert C.query(*peer, *target, auth=auth, timeout=3).job_id == JOB
+        assert auth.sealer(peer) is auth
+
+
 def test_munge_reply_key_readable_only_by_the_daemons_uid(munged, procs):
     """The reply key travels inside the credential, encrypted; munged decodes it only for
     the uid the client names (root is the daemon here): another user cannot read it."""

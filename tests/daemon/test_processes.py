@@ -71,6 +71,29 @@ def test_every_process_answers_and_the_stats_are_summed(hmac_daemon, target):  #
             open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
+def test_every_process_takes_the_session_tickets_of_every_other(munged, procs, tmp_root_dir,
+                                                                jobcg, target):  # noqa: F811
+    """Tickets are sealed with the instance secret the processes share: one munge exchange,
+    then the questions spread over the 3 processes all go with its ticket, and every process
+    takes it."""
+    from daemon.auth import SessionKey
+    from daemon.config import parse_config
+    d = Daemon(procs, tmp_root_dir, f"AuthType=munge\nMungeSocket={munged.socket}\n"
+               f"CgroupRoots={jobcg.root}\nProcesses=3\n").start()
+    _wait_helpers(d, 2)
+    auth = C.auth_from_config(parse_config(f"MungeSocket={munged.socket}\n"))
+    assert C.query("127.0.0.1", d.port, *target, auth=auth, timeout=5).job_id == JOB
+    ticket = auth.sealer(("127.0.0.1", d.port)).ticket
+    answers = _ask_many(d, target, auth, n=120, threads=8)
+    assert [a.outcome for a in answers] == [C.FOUND] * 120
+    assert isinstance(auth.sealer(("127.0.0.1", d.port)), SessionKey)
+    assert auth.sealer(("127.0.0.1", d.port)).ticket == ticket      # never refused, never renewed
+    d.stop_stats()
+    helpers = [int(n) for n in re.findall(r"event=helper-stopped answered=(\d+)", d.text())]
+    assert len(helpers) == 2 and all(n > 0 for n in helpers), d.text()
+    assert "bad-ticket" not in d.text()
+
+
 def test_sighup_reaches_every_process(hmac_daemon, target):  # noqa: F811
     d = hmac_daemon()
     old = HmacAuth(load_key(d.key))
