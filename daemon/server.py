@@ -49,6 +49,9 @@ from .session import Tickets
 
 log = logging.getLogger("callerid")
 security = logging.getLogger("callerid.security")
+# a session ticket this instance did not seal (another instance's: before a restart) or an
+# expired one: the client asks again with munge (daemon.session); not a security event
+SESSION_ENDED = ("bad-ticket", "expired-ticket")
 
 
 class Handler:
@@ -102,9 +105,13 @@ class Handler:
             log.error("event=auth-unavailable peer=%s error=%s", peer, e)
             return None, None
         except AuthError as e:
-            counts["auth-failures"] += 1
-            security.warning("event=security-auth-failure peer=%s reason=%s detail=%r",
-                             peer, e.reason, e.detail)
+            if e.reason in SESSION_ENDED:   # expected after a restart, or a skewed clock
+                counts["sessions-refused"] += 1
+                log.info("event=session-refused peer=%s reason=%s", peer, e.reason)
+            else:
+                counts["auth-failures"] += 1
+                security.warning("event=security-auth-failure peer=%s reason=%s detail=%r",
+                                 peer, e.reason, e.detail)
             try:
                 return self._seal(auth, frame.type, [self._reply(P.STATUS_REFUSED, r.nonce)
                                                      for r in wire.requests_of(frame)]), None
@@ -120,15 +127,16 @@ class Handler:
             counts["batched"] += len(reqs)
         replies, afters = [], []
         for req in reqs:
-            reply, after = self._answer(req, uid, privileged, peer, hint, arrived)
+            reply, after = self._answer(req, uid, privileged, peer, hint, arrived, reply_auth.name)
             replies.append(reply)
             if after is not None:
                 afters.append(after)
         follow = (lambda: [f() for f in afters]) if afters else None  # noqa: E731
         return self._seal(reply_auth, frame.type, replies), follow
 
-    def _answer(self, req, uid, privileged, peer, hint, arrived):
-        """One request of an authenticated frame -> (P.Reply, log-only follow-up or None)."""
+    def _answer(self, req, uid, privileged, peer, hint, arrived, scheme):
+        """One request of an authenticated frame (`scheme`: how, for the log) -> (P.Reply,
+        log-only follow-up or None)."""
         counts = self.counts
         why = self.replay.check_and_add(req.nonce, req.timestamp_ms)
         if why is not None:
@@ -154,8 +162,8 @@ class Handler:
         if uid == 0:
             counts["answers-root"] += 1
         if self.debug:
-            log.debug("event=answer peer=%s uid=%d hint=%d conn=%r status=%s job=%s by=%s pid=%s "
-                      "via=%s why=%s ms=%.2f", peer, uid, hint, req.describe(),
+            log.debug("event=answer peer=%s uid=%d auth=%s hint=%d conn=%r status=%s job=%s by=%s "
+                      "pid=%s via=%s why=%s ms=%.2f", peer, uid, scheme, hint, req.describe(),
                       P.STATUS_NAMES[res.status], res.job_id or "-", res.by or "-", res.pid or "-",
                       res.sock.via if res.sock else "-", res.why or "-", res.elapsed_ms)
         after = None
@@ -631,8 +639,9 @@ class Server:
         request-timeouts, timeouts (ConnectionTimeout), protocol-errors, closed-early,
         conn-errors, accept-errors, dropped, reloads, reload-failures; answers-<status>
         (replies sent: found, unknown, refused, error, busy), answers-root (found/unknown
-        for root), rate-limited (uid over RateLimit), auth-failures, replays, violations
-        (asked about another user's job), hinted-not-root, batched (requests that came
+        for root), rate-limited (uid over RateLimit), auth-failures, sessions-refused (a
+        session ticket from before a restart, or expired), replays, violations (asked about
+        another user's job), hinted-not-root, batched (requests that came
         several to a frame).  Gauges: active (connections), pending (connections without a
         complete request), queued (requests waiting for a worker)."""
         own = self.own_snapshot()

@@ -262,8 +262,11 @@ def test_munge_session_ticket_reuse_replay_and_restart(munged, munge_daemon, tar
     link.symlink_to(munged.socket)
     ans = C.query(*peer, *target, auth=auth, timeout=3)
     assert ans.job_id == JOB, ans
-    assert "reason=bad-ticket" in d.text()
+    assert "event=session-refused peer=127.0.0.1 reason=bad-ticket" in d.text()
+    assert "security-auth-failure" not in d.text()
     assert auth.sealer(peer).ticket != old                  # the new instance's ticket
+    stats = d.stop_stats()
+    assert stats["sessions-refused"] == 1 and stats.get("auth-failures", 0) == 0, stats
 
 
 def test_munge_sessions_off(munged, munge_daemon, target):

@@ -88,6 +88,22 @@ def test_one_decision_per_login(ours, platform, password):
         assert answers and f"by={'cgroup' if c.platform.cgroup == 2 else 'holder'}" in answers[-1], answers
 
 
+def test_the_next_question_to_a_daemon_goes_with_its_session_ticket(ours, platform):
+    """node2 asks node1's daemon with munge once (a reply key: scheme 3); the answer's session
+    ticket signs node2's next question to it (scheme 4): both logins land in the right job."""
+    c, _ = ours
+    b = c.sbatch("alice", nodes=["node1", "node2"])
+    time.sleep(1.1)
+    c.sbatch("alice", nodes=["node2"])
+    for _ in range(2):
+        r = c.ssh("alice", "node1", "node2", c.job_cgroup_cmd, job=b)
+        assert r.rc == 0 and where(c, r) == c.extern_cgroup("node2", 2001, b), r.err
+    answers = [ln.split(" auth=")[1].split()[0]
+               for ln in c.daemon_log("node1", "callerid").splitlines()
+               if "event=answer" in ln and f"job={b} " in ln]
+    assert answers == ["munge-key", "munge-session"], answers
+
+
 @pytest.mark.platforms("P2", "P3")
 @pytest.mark.parametrize("password", [False, True], ids=["publickey", "keyboard-interactive"])
 def test_session_joins_the_job_container(ours, platform, password):
