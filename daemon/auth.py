@@ -20,8 +20,9 @@ auth length, plus the body) and yield the sender's uid:
   round trip on either side until the ticket expires (MungeSessionLifetime).
 
 A request is sealed by `sealer(peer)`'s `sign_request` (-> the blob and what authenticates
-its answer) and opened with `verify_request` (-> the sender's uid and what signs the answer); answers use
-`sign`, and `accepts(scheme)` gives the verifier of an answer of that scheme.
+its answer) and opened with `verify_request` (-> the sender's uid and what signs the
+answer); answers use `sign`, and `accepts(scheme)` gives the verifier of an answer of that
+scheme.
 
 libmunge is loaded lazily (cffi ABI mode) on first use, so importing this module is cheap:
 the PAM hook imports it at every login, so no hashlib/hmac (they load OpenSSL, ~4 ms) and no

@@ -144,15 +144,15 @@ def _ask(host, port, requests, auth, timeout, trusted_uids, reserved_port, sourc
             return [_answer(t0, LOCAL_ERROR, f"cannot sign request: {e}")] * n
         answers = _send(host, port, reqs, frame, reply_auth, t0, t0 + timeout, trusted_uids,
                         reserved_port, source)
-        if not _session_declined(reply_auth, answers):
-            return answers
+        if not _session_declined(reply_auth, answers) or time.monotonic() >= t0 + timeout:
+            return answers            # (after a timeout the ticket is kept: a slow daemon)
         auth.forget_session(peer)     # restarted, expired, or not ours: once more, with munge
     return answers
 
 
 def _session_declined(reply_auth, answers) -> bool:
-    """A request sent with a session ticket got no answer signed with it, from a daemon
-    that is there (it refused the ticket with its munge signature, or reset)."""
+    """A request sent with a session ticket got no answer signed with it from a daemon that
+    is there (it refused the ticket with its munge signature, or reset)."""
     return (reply_auth.scheme == P.AUTH_MUNGE_SESSION and not reply_auth.answered
             and not answers[0].cacheable)
 

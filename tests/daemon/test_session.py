@@ -1,9 +1,12 @@
 """Session tickets (daemon/session.py) and the scheme-4 sealing around them: pure, no munged
 (MungeAuth only loads libmunge; nothing here encodes or decodes a credential)."""
 import os
+import socket
+import threading
 
 import pytest
 
+from daemon import client as C
 from daemon import protocol as P
 from daemon import wire
 from daemon.auth import AuthError, MungeAuth, ReplyKey, SessionKey
@@ -126,3 +129,63 @@ def test_munge_session_lifetime_setting():
     for bad in ("5", "-1", "7200", "soon"):
         with pytest.raises(ConfigError, match="MungeSessionLifetime"):
             parse_config(f"MungeSessionLifetime={bad}\n")
+
+
+def _peer(behaviour):
+    """A hostile peer on loopback: accepts, then closes at once ("reset") or says nothing
+    ("silent"); -> (port, accepted connections list, stop)."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    seen, stop = [], threading.Event()
+
+    def run():
+        lst.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                c, _ = lst.accept()
+            except TimeoutError:
+                continue
+            seen.append(c)
+            if behaviour == "reset":
+                c.close()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def close():
+        stop.set()
+        t.join()
+        for c in seen:
+            c.close()
+        lst.close()
+    return lst.getsockname()[1], seen, close
+
+
+def _client_with_session(port):
+    client = MungeAuth("/nonexistent/munge.socket", reply_uid=0)
+    client._keep_session(("127.0.0.1", port), KEY,
+                         Tickets(os.urandom(32), 60).issue(KEY, 0, int(1e13)))
+    return client
+
+
+def test_a_daemon_that_drops_the_ticketed_request_is_asked_again_with_munge():
+    port, seen, close = _peer("reset")
+    try:
+        client = _client_with_session(port)
+        a = C.query("127.0.0.1", port, ("127.0.0.1", 1000), ("127.0.0.1", 22), auth=client,
+                    timeout=2, reserved_port=False)
+        # the second attempt needs a credential, and this client's munged is not there
+        assert a.outcome == C.LOCAL_ERROR and "cannot sign" in a.detail, a
+        assert len(seen) == 1 and client.sealer(("127.0.0.1", port)) is client
+    finally:
+        close()
+
+
+def test_a_daemon_too_slow_for_the_deadline_keeps_the_ticket_and_is_not_asked_again():
+    port, seen, close = _peer("silent")
+    try:
+        client = _client_with_session(port)
+        a = C.query("127.0.0.1", port, ("127.0.0.1", 1000), ("127.0.0.1", 22), auth=client,
+                    timeout=0.3, reserved_port=False)
+        assert a.outcome == C.UNREACHABLE and a.detail == "timeout waiting for reply", a
+        assert len(seen) == 1 and isinstance(client.sealer(("127.0.0.1", port)), SessionKey)
+    finally:
+        close()
