@@ -159,33 +159,29 @@ def _peer(behaviour):
     return lst.getsockname()[1], seen, close
 
 
-def _client_with_session(port):
-    client = MungeAuth("/nonexistent/munge.socket", reply_uid=0)
-    client._keep_session(("127.0.0.1", port), KEY,
-                         Tickets(os.urandom(32), 60).issue(KEY, 0, int(1e13)))
-    return client
+def _ask_with_session(behaviour, timeout):
+    """A client holding a ticket for a hostile peer asks it once -> (answer, connections the
+    peer saw, what the client would sign its next request to it with)."""
+    port, seen, close = _peer(behaviour)
+    try:
+        client = MungeAuth("/nonexistent/munge.socket", reply_uid=0)
+        client._keep_session(("127.0.0.1", port), KEY,
+                             Tickets(os.urandom(32), 60).issue(KEY, 0, int(1e13)))
+        a = C.query("127.0.0.1", port, ("127.0.0.1", 1000), ("127.0.0.1", 22), auth=client,
+                    timeout=timeout, reserved_port=False)
+        return a, len(seen), client.sealer(("127.0.0.1", port))
+    finally:
+        close()
 
 
 def test_a_daemon_that_drops_the_ticketed_request_is_asked_again_with_munge():
-    port, seen, close = _peer("reset")
-    try:
-        client = _client_with_session(port)
-        a = C.query("127.0.0.1", port, ("127.0.0.1", 1000), ("127.0.0.1", 22), auth=client,
-                    timeout=2, reserved_port=False)
-        # the second attempt needs a credential, and this client's munged is not there
-        assert a.outcome == C.LOCAL_ERROR and "cannot sign" in a.detail, a
-        assert len(seen) == 1 and client.sealer(("127.0.0.1", port)) is client
-    finally:
-        close()
+    a, connections, next_sealer = _ask_with_session("reset", timeout=2)
+    # the second attempt needs a credential, and this client's munged is not there
+    assert a.outcome == C.LOCAL_ERROR and "cannot sign" in a.detail, a
+    assert connections == 1 and isinstance(next_sealer, MungeAuth)
 
 
 def test_a_daemon_too_slow_for_the_deadline_keeps_the_ticket_and_is_not_asked_again():
-    port, seen, close = _peer("silent")
-    try:
-        client = _client_with_session(port)
-        a = C.query("127.0.0.1", port, ("127.0.0.1", 1000), ("127.0.0.1", 22), auth=client,
-                    timeout=0.3, reserved_port=False)
-        assert a.outcome == C.UNREACHABLE and a.detail == "timeout waiting for reply", a
-        assert len(seen) == 1 and isinstance(client.sealer(("127.0.0.1", port)), SessionKey)
-    finally:
-        close()
+    a, connections, next_sealer = _ask_with_session("silent", timeout=0.3)
+    assert a.outcome == C.UNREACHABLE and a.detail == "timeout waiting for reply", a
+    assert connections == 1 and isinstance(next_sealer, SessionKey)
