@@ -20,7 +20,10 @@ generators sign their munge requests *before* the timed window and verify every 
 (signature, nonce, job) *after* it; only verified answers count.  HMAC requests are signed
 when sent (~10 µs each): pre-signed ones would be seconds old, and at thousands of answers
 per second the daemon's replay table (bounded: its floor rises when a bucket overflows)
-rightly refuses old requests once it is full of newer ones.
+rightly refuses old requests once it is full of newer ones.  Mode "munge-session": munge as
+a node's PAM service asks a daemon it asked before: each generator process makes one munge
+exchange, then signs every request with the session ticket it brought (daemon/session.py;
+HMAC with the ticket's key, signed when sent, no munged on either side).
 
 [target: >= 2,000 answers/s on one core, p99 < 20 ms]  Everything started is killed by pid.
 """
@@ -56,13 +59,16 @@ def loadgen(args):
     da, dp = C.parse_endpoint(args.dst)
     nthreads = args.threads
     per_thread = int(args.presign / nthreads) + 1
+    peer = ("127.0.0.1", cfg.port) if args.session else None
+    if args.session:                  # the first exchange brings the ticket
+        assert C.query(*peer, args.src, args.dst, auth=auth, timeout=5).found
 
     def signed():
         req = P.pack_request(sa, sp, da, dp, "tcp")
-        return (req.nonce, *wire.seal_request(req, auth))      # nonce, frame, reply auth
+        return (req.nonce, *wire.seal_request(req, auth, peer))    # nonce, frame, reply auth
 
     def presign(out):
-        if auth.name == "hmac":       # signed when sent (~10 µs): see the docstring
+        if auth.name == "hmac" or args.session:   # signed when sent (~10 µs): see the docstring
             return
         for _ in range(per_thread):
             out.append(signed())
@@ -180,7 +186,7 @@ def cpu_seconds(pid, which=(11, 12)):
     return sum(int(f[i]) for i in which) / os.sysconf("SC_CLK_TCK")
 
 
-def run_load(args, cfg, src, dst, dpid, rate, procs):
+def run_load(args, cfg, src, dst, dpid, rate, procs, session=False):
     """One load against the running daemon -> dict of results."""
     nproc = args.procs
     per = rate / nproc if rate else 0
@@ -188,7 +194,7 @@ def run_load(args, cfg, src, dst, dpid, rate, procs):
     gens = [subprocess.Popen(["taskset", "-c", "1", PY, __file__, "--loadgen", "--config", str(cfg),
                               "--src", src, "--dst", dst, "--threads", str(args.clients // nproc),
                               "--seconds", str(args.seconds), "--rate", str(per),
-                              "--presign", str(int(presign))],
+                              "--presign", str(int(presign))] + (["--session"] if session else []),
                              cwd=str(ROOT), stdout=subprocess.PIPE,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
             for _ in range(nproc)]
@@ -224,7 +230,7 @@ def main():
     ap.add_argument("--procs", type=int, default=8,
                     help="load generator processes (clients/procs threads each: few threads per "
                          "process keep the generators' own GIL out of the latencies)")
-    ap.add_argument("--modes", default="hmac,munge")
+    ap.add_argument("--modes", default="hmac,munge,munge-session")
     ap.add_argument("--loads", default="closed,paced")
     ap.add_argument("--loglevel", default="info")
     ap.add_argument("--workers", type=int, default=0, help="daemon Workers= (0: its default)")
@@ -234,6 +240,7 @@ def main():
     ap.add_argument("--dst")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--presign", type=int)
+    ap.add_argument("--session", action="store_true")
     args = ap.parse_args()
     if args.loadgen:
         return loadgen(args)
@@ -278,7 +285,7 @@ def main():
         for mode in args.modes.split(","):
             port = 6900 + len(rows)
             cfg = base / f"{mode}.conf"
-            cfg.write_text(f"AuthType={mode}\nKeyFile={key}\nMungeSocket={msock}\nPort={port}\n"
+            cfg.write_text(f"AuthType={mode.split('-')[0]}\nKeyFile={key}\nMungeSocket={msock}\nPort={port}\n"
                            f"ListenAddresses=127.0.0.1\nRateLimit=1000000\nRateBurst=1000000\n"
                            f"MaxConnections=1024\nCgroupRoots={root}\nLogLevel={args.loglevel}\n"
                            + (f"Workers={args.workers}\n" if args.workers else ""))
@@ -300,7 +307,7 @@ def main():
             assert a.outcome == C.FOUND and a.job_id == 888, a
             for load in args.loads.split(","):
                 rate = 0.0 if load == "closed" else args.rate
-                r = run_load(args, cfg, src, dst, d.pid, rate, procs)
+                r = run_load(args, cfg, src, dst, d.pid, rate, procs, mode == "munge-session")
                 label = "closed" if load == "closed" else f"{rate:.0f}/s"
                 rows.append((mode, label, r))
                 print(f"  {mode} {label}: done in {r['elapsed']:.1f} s", file=sys.stderr)
@@ -311,11 +318,11 @@ def main():
         print(f"Authenticated caller-ID answers, {args.clients} concurrent clients on loopback, "
               f"daemon on 1 CPU (LogLevel={args.loglevel}), {args.seconds:.0f} s per load")
         print("[target: >= 2,000 answers/s on one core, p99 < 20 ms]")
-        print(f"{'auth':>6} | {'load':>7} | {'answers/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | "
+        print(f"{'auth':>13} | {'load':>7} | {'answers/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | "
               f"{'daemon CPU':>10} | {'CPU µs/answer':>13} | outcomes (replies verified)")
         print("-" * 110)
         for mode, label, r in rows:
-            print(f"{mode:>6} | {label:>7} | {r['rps']:9.0f} | {r['p50']:7.2f} | {r['p99']:7.2f} | "
+            print(f"{mode:>13} | {label:>7} | {r['rps']:9.0f} | {r['p50']:7.2f} | {r['p99']:7.2f} | "
                   f"{r['cpu'] * 100:9.0f}% | {r['cpu_per_answer_us']:13.0f} | {r['outs']}")
     finally:
         for p in reversed(procs):
