@@ -370,7 +370,8 @@ class MungeAuth(_Scheme):
 
     def forget_session(self, peer) -> None:
         """The daemon at `peer` did not take our ticket: ask it with munge again."""
-        self._sessions.pop(peer, None)
+        with self._sessions_lock:           # (_keep_session iterates the table)
+            self._sessions.pop(peer, None)
 
     def _keep_session(self, peer, key: bytes, ticket: bytes) -> None:
         from .session import expiry_ms
