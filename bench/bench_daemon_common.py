@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from cgroups.paths import parse_proc_cgroup  # noqa: E402
 from testbed.cluster import mkdir_chain, rmdir_retry  # noqa: E402
 PY = sys.executable
 UNIFIED = "/sys/fs/cgroup/unified"
@@ -127,7 +128,8 @@ class Run:
     def inside(self, leaf: Path):
         """Run the block with this process in cgroup `leaf` (sockets made meanwhile are
         made in it, as an ssh started in a job step makes its connection), then move back."""
-        own = [ln[3:] for ln in open("/proc/self/cgroup").read().splitlines() if ln.startswith("0::")][0]
+        own = next(path for _, ctrls, path in parse_proc_cgroup(open("/proc/self/cgroup").read())
+                   if ctrls == "")
         (leaf / "cgroup.procs").write_text(str(os.getpid()))
         try:
             yield

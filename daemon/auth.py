@@ -469,7 +469,7 @@ class MungeAuth(_Scheme):
 
     def sign_request(self, ftype: int, signed: bytes, peer=None):
         if self.reply_uid is None:
-            return self.sign(ftype, signed), self
+            return super().sign_request(ftype, signed)
         key = os.urandom(P.REPLY_KEY_SIZE)
         keep = None if peer is None else (lambda ticket: self._keep_session(peer, key, ticket))
         return (self._encode(signed + key, keyed=True),

@@ -23,7 +23,7 @@ import os
 import re
 
 from cgroups import jobs as _cg     # small readers shared with the cgroups package
-from cgroups.paths import CgroupParseError, parse_mounts
+from cgroups.paths import CgroupParseError, match_slurm_path, parse_mounts
 
 _JOBDIR_RE = re.compile(r"^job_(\d+)$")
 
@@ -78,15 +78,16 @@ class CgroupJobs:
         """cgroup id -> job id for every directory at or below a job directory on a cgroup2
         file system.  A cgroup2 directory's inode number is its cgroup id, what the kernel
         reports as the cgroup of a socket's maker (daemon.lookup.JobCgroups).  Directories
-        of cgroup v1 hierarchies are left out: their inode numbers are not cgroup2 ids."""
+        of cgroup v1 hierarchies are left out: their inode numbers are not cgroup2 ids.  The
+        job is read from the path as job_of_pid reads it (cgroups.paths.match_slurm_path)."""
         mounts = _cgroup2_mounts()
         out = {}
         for d in self._scan_dirs():
-            job = _job_in_path(d)
-            if job is None or not any(d.startswith(m) for m in mounts):
+            ref = match_slurm_path(d, 2) if any(d.startswith(m) for m in mounts) else None
+            if ref is None or ref["job_id"] is None:        # (a SLUID-named job dir)
                 continue
             try:
-                out[os.stat(d).st_ino] = job
+                out[os.stat(d).st_ino] = ref["job_id"]
             except OSError:            # removed meanwhile
                 continue
         return out
@@ -101,15 +102,6 @@ class CgroupJobs:
             return None            # not in a job, or a SLUID-named job dir (Slurm 26.05+)
         uid = ref.uid if ref.uid is not None else _cg.real_uid(pid, self.proc)
         return (ref.job_id, uid) if uid is not None else None
-
-
-def _job_in_path(path: str) -> int | None:
-    """N of the path's job_<N> component (None for a SLUID-named job dir)."""
-    for part in path.split("/"):
-        m = _JOBDIR_RE.match(part)
-        if m:
-            return int(m.group(1))
-    return None
 
 
 def _cgroup2_mounts() -> list[str]:

@@ -404,10 +404,10 @@ def test_socket_made_outside_a_job_is_looked_up_by_holder_and_its_cgroup_remembe
 
 
 def test_job_cgroup_ids_only_from_cgroup2(jobcg, tmp_path):
-    """Only directories on a cgroup2 file system give cgroup ids: a job_<N> tree elsewhere
+    """Only directories on a cgroup2 file system give cgroup ids: a Slurm job tree elsewhere
     (a cgroup v1 hierarchy, here a plain directory) has inode numbers of another space."""
     leaf = jobcg.make(8181, "step_0")
-    (tmp_path / "job_8282" / "step_0").mkdir(parents=True)
+    (tmp_path / "system.slice" / "cidt_slurmstepd.scope" / "job_8282" / "step_0").mkdir(parents=True)
     ids = CgroupJobs([str(tmp_path), str(jobcg.root)]).job_cgroup_ids()
     assert ids[os.stat(leaf).st_ino] == 8181
     assert 8282 not in ids.values()
